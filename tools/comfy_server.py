@@ -1,0 +1,195 @@
+"""Run a real, headless ComfyUI server with this pack installed, and talk to it over HTTP.
+
+Used by the integration and browser tests and by the demo job. Each server gets its own
+``--base-directory`` (custom_nodes/, input/, output/, models/, user/), a free port on 127.0.0.1,
+the pack linked into ``custom_nodes/`` the way a ``git clone`` would put it, and the built-in
+tiny models linked into ``models/``. ``stop()`` always terminates the process group.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import paths
+
+PACK_DIR_NAME = "sd35-tuner"
+MODEL_FOLDERS = ("checkpoints", "vae", "text_encoders", "clip", "diffusion_models")
+
+
+class ComfyError(RuntimeError):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_base_dir(base: Path, models: Path = paths.MODELS) -> Path:
+    """Lay out a ComfyUI base directory with the pack and the built-in models linked in."""
+    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
+    link = base / "custom_nodes" / PACK_DIR_NAME
+    if not link.exists():
+        link.symlink_to(paths.REPO, target_is_directory=True)
+    for sub in ("input", "output", "temp", "user", "models/loras"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    for folder in MODEL_FOLDERS:
+        target = base / "models" / folder
+        target.mkdir(parents=True, exist_ok=True)
+        src = models / ("text_encoders" if folder == "clip" else folder)
+        for file in src.glob("*.safetensors") if src.is_dir() else ():
+            dst = target / file.name
+            if not dst.exists():
+                dst.symlink_to(file)
+    return base
+
+
+@dataclass
+class ComfyServer:
+    base_dir: Path
+    port: int = field(default_factory=free_port)
+    extra_args: tuple[str, ...] = ()
+    proc: subprocess.Popen | None = None
+    client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.base_dir / "comfyui.log"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def start(self, timeout: float = 180.0) -> ComfyServer:
+        prepare_base_dir(self.base_dir)
+        python = paths.VENV / "bin" / "python"
+        cmd = [
+            str(python if python.exists() else "python"),
+            str(paths.COMFYUI / "main.py"),
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base_dir),
+            "--database-url",
+            f"sqlite:///{self.base_dir / 'comfyui.db'}",
+            "--disable-api-nodes",
+            "--disable-auto-launch",
+            *self.extra_args,
+        ]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
+        self.proc = subprocess.Popen(
+            cmd, cwd=paths.COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ComfyError(f"ComfyUI exited with {self.proc.returncode} during start:\n{self.log()[-4000:]}")
+            try:
+                self.get("/object_info/CheckpointLoaderSimple", timeout=2)
+                return self
+            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                time.sleep(0.3)
+        self.stop()
+        raise ComfyError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-4000:]}")
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=15)
+        except (subprocess.TimeoutExpired, ProcessLookupError):
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=15)
+
+    def __enter__(self) -> ComfyServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- HTTP ---------------------------------------------------------------------------
+    def request(self, method: str, route: str, body: Any = None, timeout: float = 30) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + route, data=data, method=method)
+        if data is not None:
+            req.add_header("Content-Type", "application/json")
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - loopback only
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def get(self, route: str, timeout: float = 30) -> Any:
+        return self.request("GET", route, timeout=timeout)
+
+    def post(self, route: str, body: Any = None, timeout: float = 30) -> Any:
+        return self.request("POST", route, body if body is not None else {}, timeout=timeout)
+
+    def object_info(self) -> dict:
+        return self.get("/object_info")
+
+    def queue(self, prompt: dict) -> str:
+        """POST an API-format graph; raise ComfyError with ComfyUI's node_errors on a 400."""
+        try:
+            answer = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
+        except urllib.error.HTTPError as err:
+            raise ComfyError(f"/prompt refused the graph: {err.read().decode(errors='replace')}") from err
+        return answer["prompt_id"]
+
+    def wait(self, prompt_id: str, timeout: float = 600) -> dict:
+        """Poll /history until the prompt finished; return its history entry."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            entry = self.get(f"/history/{prompt_id}").get(prompt_id)
+            if entry and entry.get("status", {}).get("completed") is not None:
+                return entry
+            if self.proc is not None and self.proc.poll() is not None:
+                raise ComfyError(f"ComfyUI died while running {prompt_id}:\n{self.log()[-4000:]}")
+            time.sleep(0.25)
+        raise ComfyError(f"prompt {prompt_id} did not finish within {timeout}s")
+
+    def run(self, prompt: dict, timeout: float = 600) -> dict:
+        """Queue a graph, wait, and return its outputs; raise ComfyError on an execution error."""
+        entry = self.wait(self.queue(prompt), timeout)
+        status = entry["status"]
+        if status.get("status_str") != "success":
+            raise ComfyError(f"execution failed: {json.dumps(status.get('messages', []))[-4000:]}")
+        return entry
+
+    def interrupt(self) -> None:
+        self.post("/interrupt")
+
+    def output_files(self, entry: dict, node_id: str, kind: str = "images") -> list[Path]:
+        files = []
+        for item in entry["outputs"].get(node_id, {}).get(kind, []):
+            folder = self.base_dir / item.get("type", "output")
+            files.append(folder / item.get("subfolder", "") / item["filename"])
+        return files
+
+
+def execution_error(entry: dict) -> dict | None:
+    for kind, data in entry.get("status", {}).get("messages", []):
+        if kind == "execution_error":
+            return data
+    return None

@@ -1,0 +1,18 @@
+"""Where the dev/test environment lives (built by scripts/setup_env.sh, outside git)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+HOME = Path(os.environ.get("SD35_TUNER_HOME", Path.home() / ".cache" / "sd35-tuner"))
+VENV = HOME / "venv"
+COMFYUI = HOME / "comfyui"
+MODELS = HOME / "models"
+
+# File names of the built-in tiny models, relative to their ComfyUI model folder.
+SD3_CHECKPOINT = "sd3_tiny.safetensors"  # checkpoints/: MMDiT (2 blocks) + full-size random SD3 VAE
+SD35_CHECKPOINT = "sd35_tiny.safetensors"  # checkpoints/: SD3.5-style MMDiT (qk rms-norm, dual attention)
+SD3_VAE = "sd3_vae_random.safetensors"  # vae/
+CLIP_L = "clip_l_random.safetensors"  # text_encoders/
