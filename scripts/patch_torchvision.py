@@ -27,5 +27,7 @@ if MARK not in text:
     assert anchor in text, f"unexpected torchvision layout in {path}"
     text = text.replace(anchor, helper + "\n" + anchor, 1)
     for op in ("nms", "qnms"):
-        text = text.replace(f'@torch.library.register_fake("torchvision::{op}")', f'@_sd35_tuner_fake("torchvision::{op}")')
+        text = text.replace(
+            f'@torch.library.register_fake("torchvision::{op}")', f'@_sd35_tuner_fake("torchvision::{op}")'
+        )
     path.write_text(text)
