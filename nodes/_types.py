@@ -1,0 +1,9 @@
+"""Custom socket types of the pack, declared once."""
+
+from comfy_api.latest import io
+
+Dataset = io.Custom("SD35_DATASET")  # dataset.manifest.Dataset
+Cache = io.Custom("SD35_CACHE")  # training.cache handle (a directory of safetensors shards + index)
+TrainSettings = io.Custom("SD35_TRAIN_SETTINGS")  # advanced trainer settings (training.config)
+
+CATEGORY = "SD3.5 Tuner"
