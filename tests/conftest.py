@@ -16,3 +16,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.integration)
         elif parts[0] == "browser":
             item.add_marker(pytest.mark.browser)
+
+
+@pytest.fixture(scope="session")
+def comfy(tmp_path_factory: pytest.TempPathFactory):
+    """One real ComfyUI server (CPU, 127.0.0.1, own base dir, pack + tiny models linked) for the session."""
+    from tools.comfy_server import ComfyServer
+
+    server = ComfyServer(tmp_path_factory.mktemp("comfy"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

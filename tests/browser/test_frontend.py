@@ -1,0 +1,38 @@
+"""The real ComfyUI frontend, in headless Chromium, with the pack installed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tools.browser import frontend
+from tools.comfy_server import PACK_DIR_NAME
+
+REPO = Path(__file__).resolve().parents[2]
+WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+SCRIPTS = sorted(p.relative_to(REPO / "web" / "js").as_posix() for p in (REPO / "web" / "js").rglob("*.js"))
+
+
+@pytest.fixture(scope="module")
+def ui(comfy):
+    with frontend(comfy) as session:
+        yield session
+
+
+def test_the_pack_extensions_load_without_errors(ui):
+    loaded = ui.page.evaluate(
+        "() => performance.getEntriesByType('resource').map((e) => e.name).filter((n) => n.includes('/extensions/'))"
+    )
+    for script in SCRIPTS:
+        assert any(name.endswith(f"/extensions/{PACK_DIR_NAME}/{script}") for name in loaded), script
+    assert ui.unexpected_errors() == []
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_bundled_workflow_loads_with_no_missing_nodes(ui, path, tmp_path):
+    missing = ui.load_workflow(json.loads(path.read_text()), path.name)
+    assert missing == []
+    assert len(ui.node_types()) == len([n for n in json.loads(path.read_text())["nodes"]])
+    ui.screenshot(tmp_path / f"{path.stem}.png")
