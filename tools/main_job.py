@@ -1,0 +1,115 @@
+"""The main job: the bundled workflows, end to end, in a real headless ComfyUI on the built-in models.
+
+Folder of photos -> dataset (smart crop + captions) -> latent/text cache -> SD3.5 LoRA training
+(loss chart) -> CFG vs APG comparison. Each stage is a bundled workflow from ``workflows/``,
+converted to an API prompt exactly as the frontend would queue it, with the model pickers pointed
+at the built-in tiny models and image sizes shrunk for a CPU. Stages whose workflow is not in this
+checkout are reported and skipped. Results are copied to ``--out`` (default ``out/main_job``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import paths
+from .comfy_server import ComfyServer
+from .workflow_api import set_inputs, ui_to_api
+
+log = logging.getLogger("main_job")
+
+
+def point_at_builtin_models(prompt: dict[str, Any], size: int) -> None:
+    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=paths.SD3_CHECKPOINT)
+    set_inputs(prompt, "TripleCLIPLoader", clip_name1=paths.CLIP_L, clip_name2=paths.CLIP_L, clip_name3=paths.CLIP_L)
+    set_inputs(prompt, "DualCLIPLoader", clip_name1=paths.CLIP_L, clip_name2=paths.CLIP_L)
+    set_inputs(prompt, "CLIPLoader", clip_name=paths.CLIP_L)
+    set_inputs(prompt, "VAELoader", vae_name=paths.SD3_VAE)
+    set_inputs(prompt, "EmptySD3LatentImage", width=size, height=size)
+    for node in prompt.values():
+        inputs = node["inputs"]
+        if "base_model" in inputs and node["class_type"].startswith("SD35Tuner"):
+            inputs["base_model"] = paths.SD3_CHECKPOINT
+
+
+@dataclass
+class Stage:
+    name: str
+    workflow: str
+    prepare: Callable[[dict[str, Any], ComfyServer], None] | None = None
+
+
+def _prepare_dataset(prompt: dict[str, Any], server: ComfyServer) -> None:
+    from .sample_data import write_sample_folder
+
+    folder = write_sample_folder(server.base_dir / "input" / "sample_photos")
+    for node in prompt.values():
+        if "folder" in node["inputs"] and node["class_type"].startswith("SD35Tuner"):
+            node["inputs"]["folder"] = folder.name
+
+
+STAGES = [
+    Stage("train a LoRA on a folder of photos", "train_sd35_lora.json", _prepare_dataset),
+    Stage("compare CFG with APG", "sd35_cfg_vs_apg.json"),
+]
+
+
+def run_stage(server: ComfyServer, stage: Stage, size: int, out: Path) -> list[Path]:
+    path = paths.REPO / "workflows" / stage.workflow
+    if not path.exists():
+        log.warning("skipped '%s': workflows/%s is not in this checkout", stage.name, stage.workflow)
+        return []
+    prompt = ui_to_api(json.loads(path.read_text()), server.object_info())
+    point_at_builtin_models(prompt, size)
+    if stage.prepare:
+        stage.prepare(prompt, server)
+    started = time.monotonic()
+    entry = server.run(prompt, timeout=3600)
+    log.info("%s: done in %.1f s", stage.name, time.monotonic() - started)
+    copied = []
+    for node_id, outputs in entry["outputs"].items():
+        title = prompt.get(node_id, {}).get("_meta", {}).get("title", node_id)
+        for item in outputs.get("images", []):
+            if item.get("type") != "output":
+                continue
+            src = server.base_dir / "output" / item.get("subfolder", "") / item["filename"]
+            dst = out / f"{Path(stage.workflow).stem}-{title.replace(' ', '_')}-{item['filename']}"
+            shutil.copy2(src, dst)
+            copied.append(dst)
+    return copied
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=paths.REPO / "out" / "main_job")
+    parser.add_argument("--size", type=int, default=256, help="image size used for sampling on a CPU")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="[main-job] %(message)s")
+    out = args.out.resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    written: list[Path] = []
+    with ComfyServer(out / "comfyui") as server:
+        log.info("ComfyUI %s with base directory %s", server.url, server.base_dir)
+        for stage in STAGES:
+            written += run_stage(server, stage, args.size, out)
+        for lora in sorted((server.base_dir / "models" / "loras").glob("*.safetensors")):
+            shutil.copy2(lora, out / lora.name)
+            written.append(out / lora.name)
+    for path in written:
+        log.info("wrote %s", path)
+    print(f"results: {out}")
+    return 0 if written else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
