@@ -67,6 +67,26 @@ def image_size(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> tu
     return (h, w) if orientation in _SWAPS_AXES else (w, h)
 
 
+def verify_image(path: str | os.PathLike[str], max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
+    """Decode the whole file cheaply (JPEGs at 1/8 scale) to catch truncation; return image_size.
+
+    Raises the same ValueErrors as ``load_image``. Scaled JPEG decoding still reads every
+    entropy-coded byte, so a cut-off file is caught at a fraction of a full decode's cost.
+    """
+    path = Path(path)
+    size = image_size(path, max_pixels)
+    try:
+        with _open(path, max_pixels) as im:
+            if im.format == "JPEG":
+                im.draft("RGB", (max(1, im.width // 8), max(1, im.height // 8)))
+            im.load()
+    except ValueError:
+        raise
+    except (OSError, SyntaxError) as err:
+        raise ValueError(f"{path}: image data is corrupt or truncated ({err}); re-export or remove the file") from err
+    return size
+
+
 def _high_bit_depth_to_l(im: Image.Image) -> Image.Image:
     """Map a 16/32-bit integer or float single-channel image to 8-bit L by its full-scale range."""
     arr = np.asarray(im)
