@@ -21,23 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
+from .builtin import point_at_builtin_models
 from .comfy_server import ComfyServer
-from .workflow_api import set_inputs, ui_to_api
+from .workflow_api import ui_to_api
 
 log = logging.getLogger("main_job")
-
-
-def point_at_builtin_models(prompt: dict[str, Any], size: int) -> None:
-    set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=paths.SD3_CHECKPOINT)
-    set_inputs(prompt, "TripleCLIPLoader", clip_name1=paths.CLIP_L, clip_name2=paths.CLIP_L, clip_name3=paths.CLIP_L)
-    set_inputs(prompt, "DualCLIPLoader", clip_name1=paths.CLIP_L, clip_name2=paths.CLIP_L)
-    set_inputs(prompt, "CLIPLoader", clip_name=paths.CLIP_L)
-    set_inputs(prompt, "VAELoader", vae_name=paths.SD3_VAE)
-    set_inputs(prompt, "EmptySD3LatentImage", width=size, height=size)
-    for node in prompt.values():
-        inputs = node["inputs"]
-        if "base_model" in inputs and node["class_type"].startswith("SD35Tuner"):
-            inputs["base_model"] = paths.SD3_CHECKPOINT
 
 
 @dataclass

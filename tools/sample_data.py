@@ -104,3 +104,127 @@ def write_bad_inputs(dest: Path) -> dict[str, Path]:
     put("caption_latin1", "latin.txt", "café crème".encode("latin-1"))
     put("orphan_caption", "orphan.txt", b"a caption with no image")
     return out
+
+
+_WORDS = (
+    "a an the photo picture of cat dog man woman astronaut rocket coffee cup flag suit white red blue "
+    "on in with and at sky ground table camera tripod sitting standing looking side front small large"
+).split()
+
+
+def _word_tokenizer(specials: dict[str, str], extra: tuple[str, ...] = ()):
+    """A whitespace word-level fast tokenizer over a fixed tiny vocabulary (no download)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate([*dict.fromkeys([*specials.values(), *extra, *_WORDS])])}
+    core = Tokenizer(models.WordLevel(vocab, unk_token=specials["unk_token"]))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, **specials), len(vocab)
+
+
+def _tiny_blip(dest: Path) -> None:
+    import torch
+    from transformers import BlipConfig, BlipForConditionalGeneration, BlipImageProcessor, BlipProcessor
+
+    tokenizer, vocab = _word_tokenizer(
+        {"unk_token": "[UNK]", "pad_token": "[PAD]", "bos_token": "[DEC]", "sep_token": "[SEP]", "cls_token": "[CLS]"}
+    )
+    tokenizer.model_max_length = 64
+    config = BlipConfig(
+        text_config={
+            "vocab_size": vocab,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 64,
+            "bos_token_id": tokenizer.bos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "sep_token_id": tokenizer.sep_token_id,
+            "eos_token_id": tokenizer.sep_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=32,
+    )
+    torch.manual_seed(0)
+    BlipForConditionalGeneration(config).save_pretrained(dest)
+    processor = BlipProcessor(BlipImageProcessor(size={"height": 32, "width": 32}), tokenizer)
+    processor.save_pretrained(dest)
+
+
+def _tiny_llava(dest: Path) -> None:
+    import torch
+    from transformers import CLIPImageProcessor, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+    tokenizer, vocab = _word_tokenizer(
+        {"unk_token": "<unk>", "pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>"},
+        extra=("<image>", "USER:", "ASSISTANT:"),
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaConfig(
+        vision_config={
+            "model_type": "clip_vision_model",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+            "projection_dim": 32,
+        },
+        text_config={
+            "model_type": "llama",
+            "vocab_size": vocab,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 256,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        image_token_index=image_token,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-1,
+    )
+    torch.manual_seed(0)
+    LlavaForConditionalGeneration(config).save_pretrained(dest)
+    chat = (
+        "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+        "{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+    )
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = LlavaProcessor(
+        image_processor,
+        tokenizer,
+        patch_size=8,
+        vision_feature_select_strategy="default",
+        chat_template=chat,
+        num_additional_image_tokens=1,  # the CLIP class token
+    )
+    processor.save_pretrained(dest)
+
+
+def write_tiny_captioners(dest: Path) -> dict[str, Path]:
+    """Save two randomly initialised vision-language captioners (BLIP and LLaVA families, a few
+    hundred kilobytes each) in transformers' native format under ``dest``; return {family: folder}.
+
+    Their captions are gibberish; they exercise the real loading, batching and generation code.
+    """
+    dest = Path(dest)
+    out = {"blip": dest / "tiny-blip", "llava": dest / "tiny-llava"}
+    _tiny_blip(out["blip"])
+    _tiny_llava(out["llava"])
+    return out

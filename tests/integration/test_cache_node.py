@@ -1,0 +1,298 @@
+"""The cache node through a real ComfyUI server with the built-in SD3 VAE and CLIP-L (as SD3 CLIP).
+
+Reference values come from ComfyUI core's own MakeTrainingDataset + SaveTrainingDataset, run in
+the same server on the same rendered pixels: ``vae.encode`` and ``clip.encode_from_tokens``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from dataset.images import render_item
+from dataset.manifest import CropBox, DatasetItem
+from tools import paths
+from tools.comfy_server import ComfyError, ComfyServer
+from training.cache import CacheReader
+
+NODE = "SD35TunerCacheLatents"
+LONG = " ".join(f"word{i}" for i in range(120))
+CAPTIONS = {"astronaut": "an astronaut in a white suit", "coffee": "a cup of coffee", "rocket": LONG}
+SIZES = {"astronaut": (160, 160), "coffee": (192, 96), "rocket": (96, 144)}
+
+
+def write_images(folder: Path, specs: dict[str, tuple[tuple[int, int], str]]) -> None:
+    from skimage import data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (size, caption) in specs.items():
+        photo = getattr(data, name.split("_")[0])()
+        Image.fromarray(photo).convert("RGB").resize(size).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(caption, encoding="utf-8")
+
+
+def graph(folder: str, cache_name: str, vae: str = paths.SD3_VAE, location: str = "output", **opts) -> dict:
+    return {
+        "load": {
+            "class_type": "SD35TunerLoadDataset",
+            "inputs": {"folder": folder, "recursive": False, "repeats": 0, "caption_extension": ".txt", "strict": True},
+        },
+        "crop": {
+            "class_type": "SD35TunerSmartCrop",
+            "inputs": {
+                "dataset": ["load", 0],
+                "mode": "centre",
+                "resolution": 256,
+                "buckets": "512x512, 512x256, 256x512",  # x 256/1024: 128x128, 128x64, 64x128
+                "headroom": 0.5,
+                "max_upscale": 0.0,
+                "too_small": "keep",
+            },
+        },
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
+        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": paths.CLIP_L, "type": "sd3"}},
+        "cache": {
+            "class_type": NODE,
+            "inputs": {
+                "dataset": ["crop", 0],
+                "vae": ["vae", 0],
+                "clip": ["clip", 0],
+                "cache_name": cache_name,
+                "location": location,
+                "validation_prompts": opts.get("validation", "a red car\n\na blue boat"),
+                "random_flip": opts.get("flip", False),
+                "tile_above": 0,
+                "batch_size": opts.get("batch_size", 2),
+            },
+        },
+    }
+
+
+def summary(entry: dict) -> str:
+    return entry["outputs"]["cache"]["text"][0]
+
+
+def counts(text: str) -> dict[str, tuple[int, int]]:
+    return {
+        kind: tuple(int(x) for x in re.search(rf"{kind}: (\d+) encoded, (\d+) reused", text).groups())
+        for kind in ("latents", "texts")
+    }
+
+
+def item_of(entry: dict) -> DatasetItem:
+    left, top, right, bottom = entry["crop"]
+    return DatasetItem(entry["source"], entry["caption"], CropBox(left, top, right - left, bottom - top), tuple(entry["bucket"]))
+
+
+def references(comfy, reader: CacheReader, tag: str) -> list[dict]:
+    """Core's MakeTrainingDataset on the same rendered pixels and captions; returns latent/cond/pooled per item."""
+    prompt = {
+        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": paths.SD3_VAE}},
+        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": paths.CLIP_L, "type": "sd3"}},
+    }
+    for i, entry in enumerate(reader.items):
+        name = f"sd35cache_{tag}_{i}.png"
+        render_item(item_of(entry)).save(comfy.base_dir / "input" / name)
+        prompt[f"img{i}"] = {"class_type": "LoadImage", "inputs": {"image": name}}
+        prompt[f"make{i}"] = {
+            "class_type": "MakeTrainingDataset",
+            "inputs": {"images": [f"img{i}", 0], "vae": ["vae", 0], "clip": ["clip", 0], "texts": entry["caption"]},
+        }
+        prompt[f"save{i}"] = {
+            "class_type": "SaveTrainingDataset",
+            "inputs": {
+                "latents": [f"make{i}", 0],
+                "conditioning": [f"make{i}", 1],
+                "folder_name": f"sd35cache_ref_{tag}_{i}",
+                "shard_size": 1000,
+            },
+        }
+    comfy.run(prompt)
+    out = []
+    for i in range(len(reader.items)):
+        # core's reference output is a torch.save shard; weights_only=True loads tensors without unpickling code
+        shard = torch.load(comfy.base_dir / "output" / f"sd35cache_ref_{tag}_{i}" / "shard_0000.pkl", weights_only=True)
+        [[cond, extra]] = shard["conditioning"][0]
+        out.append({"latent": shard["latents"][0]["samples"][0], "cond": cond, "pooled": extra["pooled_output"]})
+    return out
+
+
+@pytest.fixture(scope="module")
+def dataset_folder(comfy) -> str:
+    specs = {name: (SIZES[name], CAPTIONS[name]) for name in CAPTIONS}
+    write_images(comfy.base_dir / "input" / "sd35cache_ds", specs)
+    return "sd35cache_ds"
+
+
+@pytest.fixture(scope="module")
+def first(comfy, dataset_folder) -> dict:
+    entry = comfy.run(graph(dataset_folder, "sd35cache/main"))
+    reader = CacheReader(comfy.base_dir / "output" / "sd35cache" / "main")
+    return {"summary": summary(entry), "reader": reader, "refs": references(comfy, reader, "main")}
+
+
+@pytest.fixture(scope="module")
+def other_vaes(comfy) -> dict[str, str]:
+    """A second SD3 VAE with different weights, and a 4-channel (SDXL-shaped) one, next to the built-in VAE."""
+    state = load_file(paths.MODELS / "vae" / paths.SD3_VAE)
+    folder = comfy.base_dir / "models" / "vae"
+    other = {k: v * 1.05 if k.startswith("encoder.conv_out") else v for k, v in state.items()}
+    save_file(other, folder / "sd3_vae_other.safetensors")
+    four = dict(state)
+    four["encoder.conv_out.weight"] = state["encoder.conv_out.weight"][:8].clone()
+    four["encoder.conv_out.bias"] = state["encoder.conv_out.bias"][:8].clone()
+    four["decoder.conv_in.weight"] = state["decoder.conv_in.weight"][:, :4].clone()
+    save_file(four, folder / "vae_4ch.safetensors")
+    return {"other": "sd3_vae_other.safetensors", "four": "vae_4ch.safetensors"}
+
+
+def test_cached_entries_equal_comfyui_vae_encode_and_clip_encode(first):
+    reader, refs = first["reader"], first["refs"]
+    assert counts(first["summary"]) == {"latents": (3, 0), "texts": (6, 0)}  # 3 captions, "", 2 prompts
+    assert "3 items (3 with repeats) in 3 bucket(s): 128x128: 1, 128x64: 1, 64x128: 1" in first["summary"]
+    for i, entry in enumerate(reader.items):
+        ref = refs[i]
+        latent = reader.raw_latent(i)
+        w, h = entry["bucket"]
+        assert latent.shape == ref["latent"].shape == (16, h // 8, w // 8)
+        torch.testing.assert_close(latent, ref["latent"].float(), rtol=0, atol=1e-5)
+        cond, pooled = reader.text(entry["caption"])
+        assert cond.shape == (1, 77, 4096) and pooled.shape == (1, 2048)
+        if entry["caption"] == LONG:  # ComfyUI encodes it as two 77-token chunks; the cache keeps the first
+            assert ref["cond"].shape == (1, 154, 4096) and entry["truncated"]
+            torch.testing.assert_close(cond, ref["cond"][:, :77].float(), rtol=1e-3, atol=1e-3)
+            torch.testing.assert_close(pooled, ref["pooled"].float(), rtol=1e-3, atol=1e-3)
+        else:
+            torch.testing.assert_close(cond, ref["cond"].float(), rtol=0, atol=1e-5)
+            torch.testing.assert_close(pooled, ref["pooled"].float(), rtol=0, atol=1e-5)
+    assert [p for p, _, _ in reader.validation_prompts()] == ["a red car", "a blue boat"]
+    assert "1 caption(s) longer than 77 tokens were truncated to 77 tokens" in first["summary"]
+
+
+def test_batches_are_sd3_scaled_and_shaped(first):
+    reader = first["reader"]
+    batch = next(reader.batches(1, seed=0, epoch=0))
+    i = next(n for n, e in enumerate(reader.items) if e["latent"] == batch.keys[0])
+    torch.testing.assert_close(batch.latents[0], (reader.raw_latent(i) - 0.0609) * 1.5305)
+    assert batch.cond.shape == (1, 77, 4096) and batch.pooled.shape == (1, 2048)
+
+
+def test_rerun_encodes_nothing_and_caption_edit_encodes_one_text(comfy, dataset_folder, first):
+    folder = comfy.base_dir / "input" / dataset_folder
+    os.utime(folder / "coffee.png")  # touched, same bytes: the loader re-runs, the cache finds every key
+    entry = comfy.run(graph(dataset_folder, "sd35cache/main"))
+    assert counts(summary(entry)) == {"latents": (0, 3), "texts": (0, 6)}
+    (folder / "coffee.txt").write_text("a cup of black coffee on a saucer", encoding="utf-8")
+    entry = comfy.run(graph(dataset_folder, "sd35cache/main"))
+    assert counts(summary(entry)) == {"latents": (0, 3), "texts": (1, 5)}
+    assert "removed 1 stale entry" in summary(entry)
+    (folder / "coffee.txt").write_text(CAPTIONS["coffee"], encoding="utf-8")
+    entry = comfy.run(graph(dataset_folder, "sd35cache/main"))
+    assert counts(summary(entry)) == {"latents": (0, 3), "texts": (1, 5)}
+
+
+def test_vae_swap_reencodes_every_latent_and_no_text(comfy, dataset_folder, first, other_vaes):
+    entry = comfy.run(graph(dataset_folder, "sd35cache/main", vae=other_vaes["other"]))
+    assert counts(summary(entry)) == {"latents": (3, 0), "texts": (0, 6)}
+    reader = CacheReader(comfy.base_dir / "output" / "sd35cache" / "main")
+    assert not torch.allclose(reader.raw_latent(0), first["refs"][0]["latent"].float(), atol=1e-3)
+    entry = comfy.run(graph(dataset_folder, "sd35cache/main"))  # back to the built-in VAE
+    assert counts(summary(entry)) == {"latents": (3, 0), "texts": (0, 6)}
+
+
+def test_truncated_shard_is_repaired_on_the_next_run(comfy, dataset_folder, first):
+    cache = comfy.base_dir / "output" / "sd35cache" / "main"
+    comfy.run(graph(dataset_folder, "sd35cache/main"))
+    shard = next((cache / "latents").rglob("*.safetensors"))
+    shard.write_bytes(shard.read_bytes()[:-64])
+    entry = comfy.run(graph(dataset_folder, "sd35cache/main"))  # same graph: the fingerprint sees the shard change
+    text = summary(entry)
+    assert "repaired 1 damaged shard" in text and counts(text)["latents"][0] >= 1
+    reader = CacheReader(cache)
+    reader.verify(deep=True)
+    for i, ref in enumerate(first["refs"]):
+        torch.testing.assert_close(reader.raw_latent(i), ref["latent"].float(), rtol=0, atol=1e-5)
+
+
+def test_four_channel_vae_is_refused_with_a_clear_message(comfy, dataset_folder, other_vaes):
+    with pytest.raises(ComfyError, match="4-channel latents, but SD3/SD3.5 needs a 16-channel VAE"):
+        comfy.run(graph(dataset_folder, "sd35cache/four", vae=other_vaes["four"]))
+
+
+def test_cache_name_outside_the_output_folder_is_refused(comfy, dataset_folder):
+    with pytest.raises(ComfyError, match=r"must be a relative folder .*no '\.\.'"):
+        comfy.run(graph(dataset_folder, "../escape"))
+
+
+def test_read_only_cache_folder_gives_a_clear_error(comfy, dataset_folder):
+    folder = comfy.base_dir / "output" / "sd35cache" / "readonly"
+    folder.mkdir(parents=True, exist_ok=True)
+    root = os.geteuid() == 0
+    locked = (
+        subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
+        if root
+        else not folder.chmod(0o555)
+    )
+    if not locked:
+        pytest.skip("cannot make a folder read-only here (root without CAP_LINUX_IMMUTABLE)")
+    try:
+        with pytest.raises(ComfyError, match=r"cannot write the cache at .*readonly: .*read-only"):
+            comfy.run(graph(dataset_folder, "sd35cache/readonly"))
+    finally:
+        if root:
+            subprocess.run(["chattr", "-i", str(folder)], check=True)
+        else:
+            folder.chmod(0o755)
+    assert list(folder.iterdir()) == []
+
+
+def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, tmp_path):
+    """SIGKILL a second server (same input/output folders) once the first latent shard exists; rerun."""
+    specs = {"coffee_wide": ((192, 96), "a wide cup")}
+    specs.update({f"astronaut_{i}": ((128 + 8 * i, 128), f"astronaut number {i}") for i in range(6)})
+    write_images(comfy.base_dir / "input" / "sd35cache_kill", specs)
+    cache = comfy.base_dir / "output" / "sd35cache" / "killed"
+    victim = ComfyServer(
+        tmp_path / "victim",
+        extra_args=(
+            "--output-directory",
+            str(comfy.base_dir / "output"),
+            "--input-directory",
+            str(comfy.base_dir / "input"),
+        ),
+    )
+    victim.start()
+    try:
+        victim.queue(graph("sd35cache_kill", "sd35cache/killed", batch_size=1))
+        deadline = time.monotonic() + 300
+        while not list((cache / "latents").rglob("*.safetensors")):  # the 128x64 bucket is done first
+            assert time.monotonic() < deadline, "the first latent shard never appeared"
+            assert victim.proc.poll() is None
+            time.sleep(0.05)
+        os.killpg(victim.proc.pid, signal.SIGKILL)
+        victim.proc.wait(timeout=30)
+    finally:
+        victim.stop()
+    with pytest.raises(ValueError, match="incomplete"):
+        CacheReader(cache)
+    entry = comfy.run(graph("sd35cache_kill", "sd35cache/killed", batch_size=1))
+    latents = counts(summary(entry))["latents"]
+    assert latents[1] >= 1 and latents[0] >= 1 and sum(latents) == 7, summary(entry)
+    assert counts(summary(entry))["texts"][0] == 0
+    resumed = CacheReader(cache)
+    resumed.verify(deep=True)
+    comfy.run(graph("sd35cache_kill", "sd35cache/clean", location="temp", batch_size=1))
+    clean = CacheReader(comfy.base_dir / "temp" / "sd35cache" / "clean")
+    assert [e["latent"] for e in resumed.items] == [e["latent"] for e in clean.items]
+    for i, entry in enumerate(clean.items):
+        assert torch.equal(resumed.raw_latent(i), clean.raw_latent(i))
+        assert torch.equal(resumed.text(entry["caption"])[0], clean.text(entry["caption"])[0])
