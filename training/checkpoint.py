@@ -1,0 +1,147 @@
+"""Training checkpoints: everything needed to continue a run exactly where it stopped.
+
+A checkpoint is a folder ``checkpoint-<step>/`` with ``adapter.safetensors`` (the LoRA parameters by
+their peft names), ``optimizer.safetensors`` (the optimizer's tensors plus the RNG states) and
+``state.json`` (step, data position, losses, scheduler, optimizer scalars, the config). It is written
+into a temp folder and renamed into place, so a crash never leaves a half checkpoint; only the newest
+``keep`` checkpoints are kept. No pickle anywhere: tensors go to safetensors, the rest to JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .export import atomic_save_file
+
+_NAME = re.compile(r"checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainState:
+    step: int
+    epoch: int
+    batch_in_epoch: int
+    losses: list[float]
+    generator: torch.Tensor
+    torch_rng: torch.Tensor
+
+
+def list_checkpoints(root: str | os.PathLike) -> list[Path]:
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / "state.json").exists()]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for pid, entries in state["state"].items():
+        for name, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{pid}.{name}"] = value
+            else:
+                scalars.setdefault(str(pid), {})[name] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], rest: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("state."):
+            _, pid, name = key.split(".", 2)
+            state.setdefault(int(pid), {})[name] = value
+    for pid, entries in rest["scalars"].items():
+        state.setdefault(int(pid), {}).update(entries)
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    transformer,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    state: TrainState,
+    config: dict[str, Any],
+    keep: int,
+) -> Path:
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"checkpoint-{state.step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=root))
+    try:
+        adapter = {n: p.detach() for n, p in transformer.named_parameters() if ".lora_A." in n or ".lora_B." in n}
+        atomic_save_file(adapter, tmp / "adapter.safetensors", {})
+        opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
+        opt_tensors["rng.generator"] = state.generator
+        opt_tensors["rng.torch"] = state.torch_rng
+        atomic_save_file(opt_tensors, tmp / "optimizer.safetensors", {})
+        info = {
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "losses": state.losses,
+            "scheduler": scheduler.state_dict(),
+            "optimizer": opt_rest,
+            "config": config,
+        }
+        (tmp / "state.json").write_text(json.dumps(info))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str | os.PathLike, transformer, optimizer: torch.optim.Optimizer, scheduler) -> TrainState:
+    """Restore LoRA weights, optimizer and scheduler in place; return the step, data position and RNG."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(
+            f"{path} is not a training checkpoint (no state.json); pick a checkpoint-<step> folder"
+        )
+    info = json.loads((path / "state.json").read_text())
+    adapter = load_file(str(path / "adapter.safetensors"))
+    params = dict(transformer.named_parameters())
+    missing = sorted(set(adapter) ^ {n for n in params if ".lora_A." in n or ".lora_B." in n})
+    if missing:
+        raise ValueError(
+            f"{path.name} was saved for other LoRA targets or rank ({missing[:3]} differ); resume with the same settings"
+        )
+    with torch.no_grad():
+        for name, value in adapter.items():
+            if params[name].shape != value.shape:
+                raise ValueError(f"{path.name}: {name} has shape {tuple(value.shape)}, the run has a different rank")
+            params[name].copy_(value)
+    tensors = load_file(str(path / "optimizer.safetensors"))
+    optimizer.load_state_dict(_join_optimizer(tensors, info["optimizer"]))
+    scheduler.load_state_dict(info["scheduler"])
+    return TrainState(
+        step=info["step"],
+        epoch=info["epoch"],
+        batch_in_epoch=info["batch_in_epoch"],
+        losses=list(info["losses"]),
+        generator=tensors["rng.generator"],
+        torch_rng=tensors["rng.torch"],
+    )

@@ -1,0 +1,85 @@
+"""What the trainer reads: a source of pre-encoded batches (latents + text embeddings).
+
+The trainer never sees images or text encoders. Any object with the :class:`TrainingSource` shape
+works: the latent cache's ``CacheReader`` (training/cache) on disk, or :class:`TensorSource`, an
+in-memory source for tests, benchmarks and callers that already hold tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # [B, 16, h, w], already in the transformer's space (SD3 shift/scale applied)
+    cond: torch.Tensor  # [B, L, 4096]
+    pooled: torch.Tensor  # [B, 2048]
+    keys: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+
+
+class TrainingSource(Protocol):
+    meta: dict[str, Any]
+
+    def batches(self, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> Iterator[Batch]: ...
+
+    def empty_text(self) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def validation_prompts(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]: ...
+
+    def __len__(self) -> int: ...
+
+
+class TensorSource:
+    """Samples held in memory; each epoch is a seeded permutation, grouped by latent size."""
+
+    def __init__(
+        self,
+        latents: Sequence[torch.Tensor],
+        cond: Sequence[torch.Tensor],
+        pooled: Sequence[torch.Tensor],
+        captions: Sequence[str] | None = None,
+        empty: tuple[torch.Tensor, torch.Tensor] | None = None,
+        prompts: list[tuple[str, torch.Tensor, torch.Tensor]] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if not len(latents) == len(cond) == len(pooled):
+            raise ValueError(f"latents, cond and pooled differ in length: {len(latents)}, {len(cond)}, {len(pooled)}")
+        self.latents, self.cond, self.pooled = list(latents), list(cond), list(pooled)
+        self.captions = list(captions) if captions is not None else [f"sample {i}" for i in range(len(latents))]
+        self._empty = empty
+        self._prompts = prompts or []
+        self.meta = meta or {}
+
+    def __len__(self) -> int:
+        return len(self.latents)
+
+    def batches(self, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> Iterator[Batch]:
+        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i in order:
+            by_shape.setdefault(tuple(self.latents[i].shape), []).append(i)
+        groups = [idx[s : s + batch_size] for idx in by_shape.values() for s in range(0, len(idx), batch_size)]
+        for group in groups:
+            if drop_last and len(group) < batch_size:
+                continue
+            yield Batch(
+                latents=torch.stack([self.latents[i] for i in group]),
+                cond=torch.stack([self.cond[i] for i in group]),
+                pooled=torch.stack([self.pooled[i] for i in group]),
+                keys=[str(i) for i in group],
+                captions=[self.captions[i] for i in group],
+            )
+
+    def empty_text(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._empty is None:
+            return torch.zeros_like(self.cond[0])[None], torch.zeros_like(self.pooled[0])[None]
+        return self._empty
+
+    def validation_prompts(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+        return self._prompts
