@@ -88,6 +88,7 @@ class Dataset:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write("\n".join(lines) + "\n")
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is meant to be shared like the images
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)

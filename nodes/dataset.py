@@ -1,0 +1,353 @@
+"""Dataset nodes: load a folder, smart-crop into aspect buckets, preview, images -> dataset, save.
+
+Thin wrappers over the ``dataset`` library; the manifest (``SD35_DATASET``) carries paths, crop
+boxes, buckets and captions, never pixels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import comfy.utils
+import folder_paths
+import numpy as np
+import torch
+from comfy_api.latest import io, ui
+
+from ..dataset.buckets import SD35_BUCKETS_1024, format_buckets, parse_buckets, scale_buckets
+from ..dataset.crop import MODES, TOO_SMALL, CropSettings, crop_dataset
+from ..dataset.faces import haar_face_detector
+from ..dataset.folder import CAPTION_EXTENSIONS, scan_folder
+from ..dataset.manifest import Dataset
+from ..dataset.preview import images_to_dataset, preview_page, split_captions
+from ..dataset.safepaths import is_inside, resolve_inside
+from ..dataset.save import FORMATS, save_dataset
+from ._types import CATEGORY
+from ._types import Dataset as DatasetType
+
+CATEGORY_DATASET = f"{CATEGORY}/dataset"
+# Absolute dataset folders outside ComfyUI's input folder must be listed here (os.pathsep-separated).
+ALLOWED_DIRS_ENV = "SD35_TUNER_DATASET_DIRS"
+CAPTION_EXT_CHOICES = {".txt": (".txt",), ".caption": (".caption",), ".txt, then .caption": CAPTION_EXTENSIONS}
+
+
+def resolve_dataset_folder(folder: str) -> Path:
+    """A folder under ComfyUI's input directory, or an absolute path inside a directory listed in
+    the SD35_TUNER_DATASET_DIRS environment variable; ValueError otherwise."""
+    input_dir = folder_paths.get_input_directory()
+    if os.path.isabs(folder.strip()):
+        allowed = [p for p in os.environ.get(ALLOWED_DIRS_ENV, "").split(os.pathsep) if p.strip()]
+        if not is_inside(folder.strip(), [input_dir, *allowed]):
+            raise ValueError(
+                f"dataset folder '{folder}' is outside ComfyUI's input folder; give a path relative to {input_dir}, "
+                f"or list its parent in the {ALLOWED_DIRS_ENV} environment variable before starting ComfyUI"
+            )
+        return Path(folder.strip()).resolve()
+    return resolve_inside(input_dir, folder, "dataset folder")
+
+
+def folder_fingerprint(root: Path) -> str:
+    """Hash of every file's relative path, size and mtime, so edits on disk re-run the loader."""
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*")) if root.is_dir() else ():
+        if path.is_file():
+            st = path.stat()
+            digest.update(f"{path.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def progress_callback(total: int):
+    bar = comfy.utils.ProgressBar(total)
+    return lambda done, _total: bar.update_absolute(done, total)  # the hook also raises on Cancel
+
+
+def report(dataset: Dataset, headline: str) -> str:
+    return "\n".join([headline, *dataset.notes])
+
+
+class LoadDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35TunerLoadDataset",
+            display_name="Load Dataset Folder (SD3.5 Tuner)",
+            category=CATEGORY_DATASET,
+            description="Reads a folder of images (png, jpg, webp, bmp, tiff) and their .txt/.caption captions into "
+            "a dataset manifest (paths and captions, no pixels). kohya 'N_name' subfolders set repeats. Unreadable "
+            "files are skipped and listed in the report unless strict is on.",
+            inputs=[
+                io.String.Input(
+                    "folder",
+                    default="sd35_tuner_sample",
+                    tooltip="Folder relative to ComfyUI's input folder (default 'sd35_tuner_sample'). Absolute paths "
+                    f"only inside a directory listed in the {ALLOWED_DIRS_ENV} environment variable.",
+                ),
+                io.Boolean.Input(
+                    "recursive", default=True, tooltip="Include subfolders. Default on; off reads the top level only."
+                ),
+                io.Int.Input(
+                    "repeats",
+                    default=0,
+                    min=0,
+                    max=1000,
+                    tooltip="Times each image is seen per epoch. Default 0: taken from a kohya 'N_name' folder "
+                    "prefix, else 1. Any value above 0 overrides the folder prefixes.",
+                ),
+                io.Combo.Input(
+                    "caption_extension",
+                    options=list(CAPTION_EXT_CHOICES),
+                    default=".txt, then .caption",
+                    tooltip="Sidecar caption files to read (default: name.txt, else name.caption).",
+                ),
+                io.Boolean.Input(
+                    "strict",
+                    default=False,
+                    tooltip="Stop at the first unreadable image or caption without an image. Default off: they are "
+                    "skipped and counted in the report.",
+                ),
+            ],
+            outputs=[
+                DatasetType.Output(display_name="dataset"),
+                io.Int.Output(display_name="count", tooltip="Number of images loaded."),
+                io.String.Output(display_name="report", tooltip="What was loaded and what was skipped, and why."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, folder: str, **_: object) -> bool | str:
+        try:
+            path = resolve_dataset_folder(folder)
+        except ValueError as err:
+            return str(err)
+        return True if path.is_dir() else f"dataset folder '{folder}' not found ({path}); create it or pick another"
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str, **_: object) -> str:
+        try:
+            return folder_fingerprint(resolve_dataset_folder(folder))
+        except ValueError:
+            return ""
+
+    @classmethod
+    def execute(
+        cls, folder: str, recursive: bool, repeats: int, caption_extension: str, strict: bool
+    ) -> io.NodeOutput:
+        root = resolve_dataset_folder(folder)
+        dataset = scan_folder(
+            root,
+            recursive=recursive,
+            repeats=repeats,
+            caption_exts=CAPTION_EXT_CHOICES[caption_extension],
+            strict=strict,
+        )
+        return io.NodeOutput(dataset, len(dataset), report(dataset, f"{len(dataset)} image(s) from {root}"))
+
+
+class SmartCrop(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35TunerSmartCrop",
+            display_name="Smart Crop to Buckets (SD3.5 Tuner)",
+            category=CATEGORY_DATASET,
+            description="Gives every image the aspect bucket closest to its shape and the largest crop of exactly "
+            "that aspect, placed on the faces (OpenCV Haar detector, with headroom) or else on the most salient "
+            "region (spectral residual). Records the box and the reason; never writes to the source folder.",
+            inputs=[
+                DatasetType.Input("dataset"),
+                io.Combo.Input(
+                    "mode",
+                    options=list(MODES),
+                    default="face_then_saliency",
+                    tooltip="face_then_saliency (default): faces if found, else saliency. saliency: ignore faces. "
+                    "centre: centred crop. none: no crop, the whole image is resized to its bucket (may stretch).",
+                ),
+                io.Int.Input(
+                    "resolution",
+                    default=1024,
+                    min=256,
+                    max=2048,
+                    step=64,
+                    tooltip="Scales the buckets: 1024 (default) gives the SD3.5 1-megapixel set, 512 a quarter of it. "
+                    "Sides stay multiples of 64.",
+                ),
+                io.String.Input(
+                    "buckets",
+                    default="",
+                    multiline=True,
+                    tooltip="Custom buckets at resolution 1024, e.g. '1024x1024, 1216x832' (scaled like the "
+                    f"defaults). Empty (default) uses the SD3.5 set: {format_buckets(SD35_BUCKETS_1024)}.",
+                ),
+                io.Float.Input(
+                    "headroom",
+                    default=0.5,
+                    min=0.0,
+                    max=3.0,
+                    step=0.05,
+                    tooltip="Margin kept around each face, as a fraction of the face size on every side. Default 0.5; "
+                    "0 only keeps the face box itself inside the crop.",
+                ),
+                io.Float.Input(
+                    "max_upscale",
+                    default=1.5,
+                    min=0.0,
+                    max=8.0,
+                    step=0.05,
+                    tooltip="Largest enlargement allowed from crop to bucket. Default 1.5; 1 forbids upscaling; "
+                    "0 disables the check.",
+                ),
+                io.Combo.Input(
+                    "too_small",
+                    options=list(TOO_SMALL),
+                    default="skip",
+                    tooltip="Images over the upscale limit: skip (default, listed in the report), keep (flagged), "
+                    "or error (stop the run).",
+                ),
+            ],
+            outputs=[
+                DatasetType.Output(display_name="dataset"),
+                io.String.Output(display_name="report", tooltip="Counts per crop reason, skipped images, warnings."),
+            ],
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        dataset: Dataset,
+        mode: str,
+        resolution: int,
+        buckets: str,
+        headroom: float,
+        max_upscale: float,
+        too_small: str,
+    ) -> io.NodeOutput:
+        base = parse_buckets(buckets) if buckets.strip() else SD35_BUCKETS_1024
+        settings = CropSettings(mode=mode, headroom=headroom, max_upscale=max_upscale, too_small=too_small)
+        detector, why = haar_face_detector() if mode == "face_then_saliency" else (None, "")
+        out = crop_dataset(
+            dataset,
+            scale_buckets(resolution, base),
+            settings,
+            detector=detector,
+            detector_missing=why,
+            progress=progress_callback(len(dataset)),
+        )
+        reasons = [i.crop_reason for i in out.items]
+        counts = ", ".join(f"{r}: {reasons.count(r)}" for r in ("face", "saliency", "centre", "none"))
+        return io.NodeOutput(out, report(out, f"{len(out)} of {len(dataset)} image(s) cropped ({counts})"))
+
+
+class PreviewDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35TunerPreviewDataset",
+            display_name="Preview Dataset (SD3.5 Tuner)",
+            category=CATEGORY_DATASET,
+            description="Shows a page of the dataset as an IMAGE batch: each source image with its crop box "
+            "(green face, orange saliency, blue centre), bucket, repeats and caption, to check before training.",
+            is_output_node=True,
+            inputs=[
+                DatasetType.Input("dataset"),
+                io.Int.Input("start", default=0, min=0, max=1_000_000, tooltip="First item shown (default 0)."),
+                io.Int.Input("count", default=16, min=1, max=256, tooltip="Items per page (default 16)."),
+                io.Int.Input(
+                    "tile", default=512, min=128, max=2048, step=64, tooltip="Tile width in px (default 512)."
+                ),
+            ],
+            outputs=[io.Image.Output(display_name="preview")],
+        )
+
+    @classmethod
+    def execute(cls, dataset: Dataset, start: int, count: int, tile: int) -> io.NodeOutput:
+        tiles = preview_page(dataset, start, count, tile)
+        batch = torch.from_numpy(np.stack([np.asarray(t, dtype=np.float32) / 255.0 for t in tiles]))
+        return io.NodeOutput(batch, ui=ui.PreviewImage(batch, cls=cls))
+
+
+class ImagesToDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35TunerImagesToDataset",
+            display_name="Images to Dataset (SD3.5 Tuner)",
+            category=CATEGORY_DATASET,
+            description="Turns any IMAGE batch (from any node pack) plus captions into a dataset. The images are "
+            "stored as PNGs in ComfyUI's temp folder, named by content.",
+            inputs=[
+                io.Image.Input("images"),
+                io.String.Input(
+                    "captions",
+                    default="",
+                    multiline=True,
+                    tooltip="One caption per line, one line per image; a single line applies to every image. "
+                    "Empty (default): no captions.",
+                ),
+            ],
+            outputs=[DatasetType.Output(display_name="dataset")],
+        )
+
+    @classmethod
+    def execute(cls, images: torch.Tensor, captions: str) -> io.NodeOutput:
+        arrays = [np.clip(np.rint(i.cpu().numpy() * 255), 0, 255).astype(np.uint8)[..., :3] for i in images]
+        folder = Path(folder_paths.get_temp_directory()) / "sd35_tuner_images"
+        return io.NodeOutput(images_to_dataset(arrays, split_captions(captions, len(arrays)), folder))
+
+
+class SaveDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35TunerSaveDataset",
+            display_name="Save Dataset (SD3.5 Tuner)",
+            category=CATEGORY_DATASET,
+            description="Writes the cropped, bucket-sized images with .txt captions and a dataset.jsonl manifest to a "
+            "folder under ComfyUI's output folder (the kohya / SimpleTuner layout). All files appear at once or "
+            "not at all; existing files are kept unless overwrite is on.",
+            is_output_node=True,
+            inputs=[
+                DatasetType.Input("dataset"),
+                io.String.Input(
+                    "folder",
+                    default="sd35_tuner_dataset",
+                    tooltip="Target folder relative to ComfyUI's output folder (default 'sd35_tuner_dataset'); "
+                    "'..' and absolute paths are refused.",
+                ),
+                io.Combo.Input(
+                    "image_format",
+                    options=list(FORMATS),
+                    default="png",
+                    tooltip="png (default, lossless), jpg or webp (quality 95).",
+                ),
+                io.Boolean.Input(
+                    "overwrite",
+                    default=False,
+                    tooltip="Replace files of the same name. Default off: the run stops before writing anything.",
+                ),
+            ],
+            outputs=[
+                DatasetType.Output(display_name="dataset", tooltip="The saved dataset (its files, not the sources)."),
+                io.String.Output(display_name="path", tooltip="The folder written."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, folder: str, **_: object) -> bool | str:
+        try:
+            resolve_inside(folder_paths.get_output_directory(), folder, "save folder")
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    def execute(cls, dataset: Dataset, folder: str, image_format: str, overwrite: bool) -> io.NodeOutput:
+        target = resolve_inside(folder_paths.get_output_directory(), folder, "save folder")
+        saved = save_dataset(
+            dataset, target, image_format=image_format, overwrite=overwrite, progress=progress_callback(len(dataset))
+        )
+        return io.NodeOutput(saved, str(target), ui={"text": [f"{len(saved)} image(s) saved to {target}"]})
+
+
+NODES = [LoadDataset, SmartCrop, PreviewDataset, ImagesToDataset, SaveDataset]
