@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from dataset.images import render_item
 from dataset.manifest import CropBox, DatasetItem
 from tools import paths
-from tools.comfy_server import ComfyError, ComfyServer
+from tools.comfy_server import ComfyError, ComfyServer, execution_error
 from training.cache import CacheReader
 
 NODE = "SD35TunerCacheLatents"
@@ -44,7 +44,13 @@ def graph(folder: str, cache_name: str, vae: str = paths.SD3_VAE, location: str 
     return {
         "load": {
             "class_type": "SD35TunerLoadDataset",
-            "inputs": {"folder": folder, "recursive": False, "repeats": 0, "caption_extension": ".txt", "strict": True},
+            "inputs": {
+                "folder": folder,
+                "recursive": False,
+                "repeats": 0,
+                "caption_extension": ".txt",
+                "strict": True,
+            },
         },
         "crop": {
             "class_type": "SD35TunerSmartCrop",
@@ -77,6 +83,13 @@ def graph(folder: str, cache_name: str, vae: str = paths.SD3_VAE, location: str 
     }
 
 
+def error_of(comfy, prompt: dict) -> str:
+    """Queue a graph that must fail at execution; return ComfyUI's exception message."""
+    error = execution_error(comfy.wait(comfy.queue(prompt)))
+    assert error is not None, "the graph ran without an error"
+    return f"{error['exception_type']}: {error['exception_message']}"
+
+
 def summary(entry: dict) -> str:
     return entry["outputs"]["cache"]["text"][0]
 
@@ -90,7 +103,9 @@ def counts(text: str) -> dict[str, tuple[int, int]]:
 
 def item_of(entry: dict) -> DatasetItem:
     left, top, right, bottom = entry["crop"]
-    return DatasetItem(entry["source"], entry["caption"], CropBox(left, top, right - left, bottom - top), tuple(entry["bucket"]))
+    return DatasetItem(
+        entry["source"], entry["caption"], CropBox(left, top, right - left, bottom - top), tuple(entry["bucket"])
+    )
 
 
 def references(comfy, reader: CacheReader, tag: str) -> list[dict]:
@@ -120,7 +135,9 @@ def references(comfy, reader: CacheReader, tag: str) -> list[dict]:
     out = []
     for i in range(len(reader.items)):
         # core's reference output is a torch.save shard; weights_only=True loads tensors without unpickling code
-        shard = torch.load(comfy.base_dir / "output" / f"sd35cache_ref_{tag}_{i}" / "shard_0000.pkl", weights_only=True)
+        shard = torch.load(
+            comfy.base_dir / "output" / f"sd35cache_ref_{tag}_{i}" / "shard_0000.pkl", weights_only=True
+        )
         [[cond, extra]] = shard["conditioning"][0]
         out.append({"latent": shard["latents"][0]["samples"][0], "cond": cond, "pooled": extra["pooled_output"]})
     return out
@@ -168,7 +185,7 @@ def test_cached_entries_equal_comfyui_vae_encode_and_clip_encode(first):
         cond, pooled = reader.text(entry["caption"])
         assert cond.shape == (1, 77, 4096) and pooled.shape == (1, 2048)
         if entry["caption"] == LONG:  # ComfyUI encodes it as two 77-token chunks; the cache keeps the first
-            assert ref["cond"].shape == (1, 154, 4096) and entry["truncated"]
+            assert ref["cond"].shape[1] >= 154 and entry["truncated"]
             torch.testing.assert_close(cond, ref["cond"][:, :77].float(), rtol=1e-3, atol=1e-3)
             torch.testing.assert_close(pooled, ref["pooled"].float(), rtol=1e-3, atol=1e-3)
         else:
@@ -224,12 +241,12 @@ def test_truncated_shard_is_repaired_on_the_next_run(comfy, dataset_folder, firs
 
 
 def test_four_channel_vae_is_refused_with_a_clear_message(comfy, dataset_folder, other_vaes):
-    with pytest.raises(ComfyError, match="4-channel latents, but SD3/SD3.5 needs a 16-channel VAE"):
-        comfy.run(graph(dataset_folder, "sd35cache/four", vae=other_vaes["four"]))
+    message = error_of(comfy, graph(dataset_folder, "sd35cache/four", vae=other_vaes["four"]))
+    assert "ValueError: The connected VAE produces 4-channel latents, but SD3/SD3.5 needs a 16-channel VAE" in message
 
 
 def test_cache_name_outside_the_output_folder_is_refused(comfy, dataset_folder):
-    with pytest.raises(ComfyError, match=r"must be a relative folder .*no '\.\.'"):
+    with pytest.raises(ComfyError, match=r"cache_name '\.\./escape' must be a relative folder inside"):
         comfy.run(graph(dataset_folder, "../escape"))
 
 
@@ -237,16 +254,13 @@ def test_read_only_cache_folder_gives_a_clear_error(comfy, dataset_folder):
     folder = comfy.base_dir / "output" / "sd35cache" / "readonly"
     folder.mkdir(parents=True, exist_ok=True)
     root = os.geteuid() == 0
-    locked = (
-        subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0
-        if root
-        else not folder.chmod(0o555)
-    )
-    if not locked:
+    if not root:
+        folder.chmod(0o555)
+    elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
         pytest.skip("cannot make a folder read-only here (root without CAP_LINUX_IMMUTABLE)")
     try:
-        with pytest.raises(ComfyError, match=r"cannot write the cache at .*readonly: .*read-only"):
-            comfy.run(graph(dataset_folder, "sd35cache/readonly"))
+        message = error_of(comfy, graph(dataset_folder, "sd35cache/readonly"))
+        assert re.search(r"CacheWriteError: .*cannot write the cache at \S*readonly: .*read-only", message), message
     finally:
         if root:
             subprocess.run(["chattr", "-i", str(folder)], check=True)
@@ -258,7 +272,7 @@ def test_read_only_cache_folder_gives_a_clear_error(comfy, dataset_folder):
 def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, tmp_path):
     """SIGKILL a second server (same input/output folders) once the first latent shard exists; rerun."""
     specs = {"coffee_wide": ((192, 96), "a wide cup")}
-    specs.update({f"astronaut_{i}": ((128 + 8 * i, 128), f"astronaut number {i}") for i in range(6)})
+    specs.update({f"astronaut_{i}": ((128 + 8 * i, 128), f"astronaut number {i}") for i in range(4)})
     write_images(comfy.base_dir / "input" / "sd35cache_kill", specs)
     cache = comfy.base_dir / "output" / "sd35cache" / "killed"
     victim = ComfyServer(
@@ -272,7 +286,7 @@ def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, 
     )
     victim.start()
     try:
-        victim.queue(graph("sd35cache_kill", "sd35cache/killed", batch_size=1))
+        victim.queue(graph("sd35cache_kill", "sd35cache/killed", batch_size=1, validation=""))
         deadline = time.monotonic() + 300
         while not list((cache / "latents").rglob("*.safetensors")):  # the 128x64 bucket is done first
             assert time.monotonic() < deadline, "the first latent shard never appeared"
@@ -284,13 +298,13 @@ def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, 
         victim.stop()
     with pytest.raises(ValueError, match="incomplete"):
         CacheReader(cache)
-    entry = comfy.run(graph("sd35cache_kill", "sd35cache/killed", batch_size=1))
+    entry = comfy.run(graph("sd35cache_kill", "sd35cache/killed", batch_size=1, validation=""))
     latents = counts(summary(entry))["latents"]
-    assert latents[1] >= 1 and latents[0] >= 1 and sum(latents) == 7, summary(entry)
+    assert latents[1] >= 1 and latents[0] >= 1 and sum(latents) == 5, summary(entry)
     assert counts(summary(entry))["texts"][0] == 0
     resumed = CacheReader(cache)
     resumed.verify(deep=True)
-    comfy.run(graph("sd35cache_kill", "sd35cache/clean", location="temp", batch_size=1))
+    comfy.run(graph("sd35cache_kill", "sd35cache/clean", location="temp", batch_size=4, validation=""))
     clean = CacheReader(comfy.base_dir / "temp" / "sd35cache" / "clean")
     assert [e["latent"] for e in resumed.items] == [e["latent"] for e in clean.items]
     for i, entry in enumerate(clean.items):

@@ -196,3 +196,18 @@ def cache_fingerprint(cache_dir: Path) -> str:
         except OSError:
             h.update(f"{p}|missing;".encode())
     return h.hexdigest()
+
+
+def confined_dir(base: str | os.PathLike[str], name: str, field: str = "cache_name") -> Path:
+    """``base/name`` if it stays inside ``base`` (no absolute path, no '..', no symlink escape); ValueError otherwise."""
+    name = name.strip()
+    if not name:
+        raise ValueError(f"{field} is empty: give a folder name such as 'sd35_cache/my_dataset'")
+    rel = Path(name)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise ValueError(f"{field} '{name}' must be a relative folder inside {base} (no absolute path, no '..')")
+    root = Path(base).resolve()
+    target = (root / rel).resolve()
+    if root not in target.parents:
+        raise ValueError(f"{field} '{name}' resolves to {target}, outside {root}; pick a plain sub-folder name")
+    return target

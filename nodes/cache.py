@@ -1,0 +1,211 @@
+"""The cache node: a dataset manifest + the graph's VAE and CLIP -> an on-disk latent/text cache.
+
+Thin: the format, keys, incremental logic and loader are ``training.cache``. Here ComfyUI's VAE and
+CLIP become plain encode callables with identities, the cache name becomes a folder confined to
+ComfyUI's output or temp directory, and progress/Cancel/model freeing go through ComfyUI.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import comfy.model_management
+import comfy.utils
+import folder_paths
+from comfy_api.latest import io, ui
+
+from ._types import CATEGORY, Cache, Dataset
+
+if TYPE_CHECKING:
+    from ..training.cache import LatentEncoder, TextEncoder
+
+# The library is imported inside the functions: the pack's import time at ComfyUI start stays small.
+LOCATIONS = ("output", "temp")
+
+
+def cache_dir(cache_name: str, location: str) -> Path:
+    from ..training.cache.store import confined_dir
+
+    base = folder_paths.get_temp_directory() if location == "temp" else folder_paths.get_output_directory()
+    return confined_dir(base, cache_name)
+
+
+def vae_encoder(vae, tile_above: int) -> LatentEncoder:
+    """ComfyUI VAE -> LatentEncoder. Identity: its weights (sampled), dtype and class; tiling is part of the key."""
+    from ..training.cache import LatentEncoder, state_dict_identity
+
+    if vae is None:
+        raise ValueError("vae is missing: connect a VAE (VAELoader, or the VAE output of an SD3/SD3.5 checkpoint)")
+    vae.throw_exception_if_invalid()
+    identity = state_dict_identity(vae.get_sd(), str(vae.vae_dtype), type(vae.first_stage_model).__name__)
+    tile = max(64, min(512, tile_above))
+
+    def tiled(bucket: tuple[int, int]) -> bool:
+        return tile_above > 0 and max(bucket) > tile_above
+
+    def encode(pixels, bucket):
+        if tiled(bucket):
+            return vae.encode_tiled(pixels, tile_x=tile, tile_y=tile, overlap=tile // 8)
+        return vae.encode(pixels)
+
+    return LatentEncoder(
+        identity=identity,
+        encode=encode,
+        channels=vae.latent_channels if vae.latent_dim == 2 else -1,
+        variant=lambda bucket: f"tiled{tile}" if tiled(bucket) else "full",
+        name="The connected VAE",
+    )
+
+
+def clip_encoder(clip) -> TextEncoder:
+    """ComfyUI CLIP -> TextEncoder: tokenize, keep one chunk of at most 77 tokens per encoder, encode_from_tokens.
+
+    Identity: the text-encoder weights (sampled), class, clip-skip layer, tokenizer options and any
+    LoRA patches applied to the CLIP.
+    """
+    from ..training.cache import TextEncoder, TextEncoding, state_dict_identity, tensor_identity, truncate_tokens
+    from ..training.cache.builder import MAX_TOKENS
+
+    if clip is None:
+        raise ValueError("clip is missing: the checkpoint has no text encoders; load them with TripleCLIPLoader")
+    model = clip.cond_stage_model
+    identity = state_dict_identity(
+        model.state_dict(),
+        type(model).__name__,
+        clip.layer_idx,
+        sorted(clip.tokenizer_options.items()),
+        tensor_identity(clip.patcher.patches),
+    )
+
+    def encode(text: str) -> TextEncoding:
+        tokens, cut = truncate_tokens(clip.tokenize(text), MAX_TOKENS)
+        cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+        return TextEncoding(cond, pooled, cut)
+
+    return TextEncoder(identity=identity, encode=encode, name="The connected CLIP")
+
+
+def free_models(*patchers) -> None:
+    """Unload these models (and their clones) through ComfyUI's model management."""
+    mm = comfy.model_management
+    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
+        loaded = mm.current_loaded_models[i]
+        model = loaded.model
+        if model is not None and any(model is p or model.is_clone(p) for p in patchers) and loaded.model_unload():
+            mm.current_loaded_models.pop(i)
+    mm.soft_empty_cache()
+
+
+class SD35TunerCacheLatents(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35TunerCacheLatents",
+            display_name="Cache Latents + Text Embeddings (SD3.5 Tuner)",
+            category=f"{CATEGORY}/training",
+            is_output_node=True,  # caching is worth running on its own, before any trainer is wired
+            description="Encodes every dataset image with the VAE and every caption with the CLIP once, into "
+            "safetensors shards on disk that the trainer reads. Re-running encodes only what changed: an edited "
+            "caption re-encodes one text, a different VAE re-encodes the latents but no text.",
+            inputs=[
+                Dataset.Input("dataset", tooltip="The dataset manifest (cropped and bucketed images + captions)."),
+                io.Vae.Input("vae", tooltip="An SD3/SD3.5 VAE (16 latent channels), e.g. the checkpoint's VAE."),
+                io.Clip.Input(
+                    "clip", tooltip="SD3 text encoders: TripleCLIPLoader (with or without T5) or a checkpoint's CLIP."
+                ),
+                io.String.Input(
+                    "cache_name",
+                    default="sd35_cache/my_dataset",
+                    tooltip="Folder of the cache, relative to ComfyUI's output (or temp) directory. Default "
+                    "'sd35_cache/my_dataset'. Re-using a name updates that cache incrementally.",
+                ),
+                io.Combo.Input(
+                    "location",
+                    options=list(LOCATIONS),
+                    default="output",
+                    tooltip="Where the cache folder lives. Default 'output' (kept); 'temp' is wiped when ComfyUI "
+                    "restarts.",
+                ),
+                io.String.Input(
+                    "validation_prompts",
+                    multiline=True,
+                    default="",
+                    tooltip="One prompt per line, encoded now for the trainer's validation samples. Default empty "
+                    "(no validation prompts).",
+                ),
+                io.Boolean.Input(
+                    "random_flip",
+                    default=False,
+                    tooltip="Also cache a mirrored latent of every image; the trainer picks one at random each "
+                    "step. Default off (doubles VAE time and latent disk space when on).",
+                ),
+                io.Int.Input(
+                    "tile_above",
+                    default=0,
+                    min=0,
+                    max=8192,
+                    step=64,
+                    tooltip="Encode buckets wider or taller than this many pixels with tiled VAE encoding (less "
+                    "memory, slightly different latents). Default 0 = never tile.",
+                ),
+                io.Int.Input(
+                    "batch_size",
+                    default=4,
+                    min=1,
+                    max=64,
+                    tooltip="Images per VAE encode call. Default 4; lower it if the VAE runs out of memory.",
+                ),
+            ],
+            outputs=[
+                Cache.Output(display_name="cache", tooltip="The cache, for the trainer."),
+                io.String.Output(display_name="summary", tooltip="Items, buckets, bytes, reused vs encoded."),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, cache_name: str, location: str, **_) -> bool | str:
+        try:
+            cache_dir(cache_name, location)
+        except ValueError as err:
+            return str(err)
+        return True
+
+    @classmethod
+    def fingerprint_inputs(cls, cache_name: str, location: str, **_) -> str:
+        from ..training.cache import cache_fingerprint
+
+        try:
+            return cache_fingerprint(cache_dir(cache_name, location))
+        except (ValueError, OSError) as err:
+            return f"unavailable: {err}"
+
+    @classmethod
+    def execute(
+        cls, dataset, vae, clip, cache_name, location, validation_prompts, random_flip, tile_above, batch_size
+    ) -> io.NodeOutput:
+        from ..dataset.images import render_item
+        from ..training.cache import CacheReader, build_cache
+
+        folder = cache_dir(cache_name, location)
+        latent, text = vae_encoder(vae, tile_above), clip_encoder(clip)
+        bar = comfy.utils.ProgressBar(1)
+        try:
+            report = build_cache(
+                dataset,
+                folder,
+                latent,
+                text,
+                flip=random_flip,
+                batch_size=batch_size,
+                validation_prompts=validation_prompts.splitlines(),
+                render=render_item,
+                progress=lambda done, total: bar.update_absolute(done, max(total, 1)),  # also where Cancel lands
+            )
+        finally:
+            free_models(vae.patcher, clip.patcher)
+        summary = report.summary()
+        return io.NodeOutput(CacheReader(folder), summary, ui=ui.PreviewText(summary))
+
+
+NODES = [SD35TunerCacheLatents]
