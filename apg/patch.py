@@ -1,0 +1,125 @@
+"""APG as a ComfyUI sampler patch, written against the hook's argument dict so it needs no ComfyUI import.
+
+ComfyUI calls ``model_options["sampler_cfg_function"](args)`` once per model evaluation with, among others,
+``cond_denoised``/``uncond_denoised`` (the x0 predictions), ``input`` (x), ``cond_scale`` (the sampler's CFG
+value, our w) and ``sigma``, and expects ``x − D`` back. Popular APG packs project onto ``args["cond"]``,
+which is ``x − D_cond``: the wrong vector. We use the denoised predictions, as the paper does.
+
+Momentum belongs to one sampling run. :meth:`APGPatch.outer_sample_wrapper` is installed as ComfyUI's
+OUTER_SAMPLE wrapper (it encloses every ``CFGGuider.sample``, whichever sampler node started it) and resets
+the state before and after each run, also when the run is cancelled; :class:`MomentumState` additionally
+forgets itself on a shape, batch or dtype change.
+
+Documented no-ops: at w = 1 ComfyUI skips the unconditional pass, and we return the conditional prediction
+(what plain sampling does). At w < 1 APG is undefined (it would push toward the negative prompt through a
+projection meant for the other direction), so we fall back to plain CFG at w and log it once per run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import Tensor
+
+from .guidance import MomentumState, apply_apg, cfg
+from .schedule import GuidanceWindow, scaled_norm_threshold
+
+logger = logging.getLogger(__name__)
+
+THRESHOLD_MODES = ("absolute", "scaled")
+
+
+@dataclass(frozen=True)
+class APGSettings:
+    """APG's knobs. ``threshold_mode="scaled"`` reads ``norm_threshold`` at the reference latent size
+    (see :mod:`apg.schedule`) and rescales it to the actual one."""
+
+    eta: float = 0.0
+    norm_threshold: float = 15.0
+    threshold_mode: str = "scaled"
+    momentum: float = -0.5
+    window: GuidanceWindow = field(default_factory=GuidanceWindow)
+
+    def __post_init__(self) -> None:
+        for name in ("eta", "norm_threshold", "momentum"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"APG {name} must be a finite number, got {getattr(self, name)}")
+        if self.norm_threshold < 0:
+            raise ValueError(f"APG norm_threshold must be >= 0 (0 disables the clamp), got {self.norm_threshold}")
+        if self.threshold_mode not in THRESHOLD_MODES:
+            raise ValueError(f"APG threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
+
+    def threshold_for(self, sample: Tensor) -> float:
+        """The L2 bound for one sample shaped like ``sample`` (no batch dim)."""
+        if self.threshold_mode == "absolute" or self.norm_threshold == 0:
+            return self.norm_threshold
+        return scaled_norm_threshold(self.norm_threshold, sample.numel())
+
+    def label(self, scale: float | None = None) -> str:
+        """A short description of the settings, for image captions and logs."""
+        parts = ["APG"]
+        if scale is not None:
+            parts.append(f"w={scale:g}")
+        r = f"r={self.norm_threshold:g}" + (" (scaled)" if self.threshold_mode == "scaled" else "")
+        parts += [f"eta={self.eta:g}", r, f"beta={self.momentum:g}"]
+        if not self.window.whole_run:
+            parts.append(f"window {self.window.start:g}-{self.window.end:g} ({self.window.unit})")
+        return " ".join(parts)
+
+
+class APGPatch:
+    """One installed APG patch: its settings and the momentum of the run in progress."""
+
+    def __init__(self, settings: APGSettings) -> None:
+        self.settings = settings
+        self.state = MomentumState(settings.momentum)
+        self._warned_low_scale = False
+
+    def reset(self) -> None:
+        self.state.reset()
+        self._warned_low_scale = False
+
+    def outer_sample_wrapper(self, executor: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        self.reset()
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self.reset()
+
+    def _active(self, args: dict[str, Any]) -> bool:
+        window = self.settings.window
+        if window.whole_run:
+            return True
+        sigma = float(args["sigma"].reshape(-1)[0])
+        options = args.get("model_options") or {}
+        sample_sigmas = options.get("transformer_options", {}).get("sample_sigmas")
+        schedule = None if sample_sigmas is None else [float(s) for s in sample_sigmas]
+        model_sampling = getattr(args.get("model"), "model_sampling", None)
+        percent_to_sigma = getattr(model_sampling, "percent_to_sigma", None)
+        return window.active(sigma, schedule, percent_to_sigma)
+
+    def guided(self, args: dict[str, Any]) -> Tensor:
+        """The guided denoised prediction D for one model evaluation."""
+        cond: Tensor = args["cond_denoised"]
+        uncond: Tensor | None = args.get("uncond_denoised")
+        scale = float(args["cond_scale"])
+        if uncond is None or args.get("input_uncond", uncond) is None or math.isclose(scale, 1.0):
+            return cond
+        if scale < 1.0:
+            if not self._warned_low_scale:
+                logger.warning("APG needs cfg >= 1; cfg=%g samples with plain CFG instead", scale)
+                self._warned_low_scale = True
+            return cfg(cond, uncond, scale)
+        if not self._active(args):
+            return cfg(cond, uncond, scale)
+        s = self.settings
+        r = s.threshold_for(cond[0])
+        return apply_apg(cond, uncond, scale, eta=s.eta, norm_threshold=r, state=self.state)
+
+    def cfg_function(self, args: dict[str, Any]) -> Tensor:
+        """ComfyUI's ``sampler_cfg_function``: returns ``x − D``."""
+        return args["input"] - self.guided(args)

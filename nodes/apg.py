@@ -1,0 +1,281 @@
+"""Adaptive Projected Guidance nodes: a MODEL patch, a GUIDER, and a CFG-vs-APG comparison.
+
+Thin wrappers: the math is apg.guidance, the sampler hook apg.patch, the figures and picture apg.compare.
+"""
+
+from __future__ import annotations
+
+import comfy.patcher_extension
+import comfy.samplers
+from comfy_api.latest import io, ui
+
+import nodes as comfy_nodes
+
+from ..apg.compare import comparison_text, image_figures, side_by_side
+from ..apg.patch import THRESHOLD_MODES, APGPatch, APGSettings
+from ..apg.schedule import REFERENCE_ELEMENTS, WINDOW_UNITS, GuidanceWindow
+from ._types import CATEGORY
+
+CATEGORY_APG = f"{CATEGORY}/sampling"
+WRAPPER_KEY = "sd35_tuner_apg"
+UI_KEY = "sd35_apg_compare"
+
+PAPER = "Sadat, Hilliges & Weber, ICLR 2025 (arXiv 2410.02416), Algorithm 1"
+
+
+def apg_inputs() -> list[io.Input]:
+    return [
+        io.Float.Input(
+            "eta",
+            default=0.0,
+            min=-10.0,
+            max=10.0,
+            step=0.01,
+            tooltip="Weight of the guidance part parallel to the conditional prediction (the part that oversaturates). "
+            "Default 0 (the paper's choice). 1 keeps it: with norm_threshold 0 and momentum 0 that is plain CFG.",
+        ),
+        io.Float.Input(
+            "norm_threshold",
+            default=15.0,
+            min=0.0,
+            max=1000.0,
+            step=0.1,
+            tooltip="Clamp the L2 norm of each sample's guidance update to r. Default 15 (the paper's SDXL value). "
+            "0 disables the clamp.",
+        ),
+        io.Combo.Input(
+            "threshold_mode",
+            options=list(THRESHOLD_MODES),
+            default="scaled",
+            tooltip="'scaled' (default): r is given for a 4x128x128 latent (SDXL at 1024px, "
+            f"{REFERENCE_ELEMENTS} values) and scaled by sqrt(latent values / {REFERENCE_ELEMENTS}), so one r "
+            "works at any resolution and channel count. 'absolute': r bounds the raw norm, as in the paper.",
+        ),
+        io.Float.Input(
+            "momentum",
+            default=-0.5,
+            min=-1.5,
+            max=1.0,
+            step=0.01,
+            tooltip="beta in m <- delta + beta*m across steps; negative is the paper's reverse momentum. "
+            "Default -0.5 (the paper's SDXL value). 0 disables momentum. Resets at the start of every run.",
+        ),
+        io.Float.Input(
+            "window_start",
+            default=0.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="Where APG starts acting, as a fraction of the run (0 = first step); plain CFG before. "
+            "Default 0. With window_end 1 the window covers the whole run (no window).",
+        ),
+        io.Float.Input(
+            "window_end",
+            default=1.0,
+            min=0.0,
+            max=1.0,
+            step=0.01,
+            tooltip="Where APG stops acting, as a fraction of the run (1 = the end); plain CFG after. "
+            "Default 1. Must not be below window_start.",
+        ),
+        io.Combo.Input(
+            "window_unit",
+            options=list(WINDOW_UNITS),
+            default="steps",
+            tooltip="How the window fractions are read. 'steps' (default): step index / number of steps. "
+            "'sigma': through the model's noise schedule, like start/end percents in core nodes, so the "
+            "window is a fixed sigma range whatever the step count. No effect when the window is 0 to 1.",
+        ),
+    ]
+
+
+def settings_from(
+    eta: float,
+    norm_threshold: float,
+    threshold_mode: str,
+    momentum: float,
+    window_start: float,
+    window_end: float,
+    window_unit: str,
+) -> APGSettings:
+    return APGSettings(
+        eta=eta,
+        norm_threshold=norm_threshold,
+        threshold_mode=threshold_mode,
+        momentum=momentum,
+        window=GuidanceWindow(window_start, window_end, window_unit),
+    )
+
+
+def check_window(window_start: float | None, window_end: float | None) -> bool | str:
+    if window_start is None or window_end is None:
+        return True
+    try:
+        GuidanceWindow(window_start, window_end)
+    except ValueError as err:
+        return str(err)
+    return True
+
+
+def patch_model(model, settings: APGSettings):
+    """A clone of ``model`` whose CFG step is APG, with momentum scoped to each sampling run."""
+    patch = APGPatch(settings)
+    patched = model.clone()
+    patched.set_model_sampler_cfg_function(patch.cfg_function)
+    patched.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY)
+    patched.add_wrapper_with_key(
+        comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, patch.outer_sample_wrapper
+    )
+    return patched
+
+
+class SD35TunerAPG(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35TunerAPG",
+            display_name="Adaptive Projected Guidance (SD3.5 Tuner)",
+            category=CATEGORY_APG,
+            description="Patches a MODEL so every sampler (KSampler, KSamplerAdvanced, SamplerCustom) guides with "
+            f"APG ({PAPER}) on the denoised predictions, using the sampler's own cfg as the scale w: "
+            "D = D_cond + (w-1)(delta_orth + eta*delta_par). Reduces the oversaturation of high cfg. "
+            "cfg = 1 is unguided (no-op); cfg < 1 samples with plain CFG.",
+            inputs=[io.Model.Input("model", tooltip="The model to sample with APG.")] + apg_inputs(),
+            outputs=[
+                io.Model.Output(tooltip="A clone of the model with APG installed; the input model is untouched.")
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, window_start: float, window_end: float) -> bool | str:
+        return check_window(window_start, window_end)
+
+    @classmethod
+    def execute(cls, model, **kwargs) -> io.NodeOutput:
+        return io.NodeOutput(patch_model(model, settings_from(**kwargs)))
+
+
+class SD35TunerAPGGuider(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35TunerAPGGuider",
+            display_name="APG Guider (SD3.5 Tuner)",
+            category=CATEGORY_APG,
+            description=f"A GUIDER for SamplerCustomAdvanced that guides with APG ({PAPER}) at scale cfg.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Float.Input(
+                    "cfg",
+                    default=5.0,
+                    min=1.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Guidance scale w. Default 5. 1 disables guidance (the negative is not evaluated).",
+                ),
+            ]
+            + apg_inputs(),
+            outputs=[io.Guider.Output()],
+        )
+
+    @classmethod
+    def validate_inputs(cls, window_start: float, window_end: float) -> bool | str:
+        return check_window(window_start, window_end)
+
+    @classmethod
+    def execute(cls, model, positive, negative, cfg: float, **kwargs) -> io.NodeOutput:
+        guider = comfy.samplers.CFGGuider(patch_model(model, settings_from(**kwargs)))
+        guider.set_conds(positive, negative)
+        guider.set_cfg(cfg)
+        return io.NodeOutput(guider)
+
+
+class SD35TunerCompareCFGAPG(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SD35TunerCompareCFGAPG",
+            display_name="Compare CFG vs APG (SD3.5 Tuner)",
+            category=CATEGORY_APG,
+            description="Samples the same model, conditioning, seed, steps and sampler twice, with plain CFG and "
+            "with APG at the same cfg, decodes both and shows them side by side with their settings, plus "
+            "mean saturation and brightness of each and the APG/CFG ratios.",
+            inputs=[
+                io.Model.Input("model"),
+                io.Conditioning.Input("positive"),
+                io.Conditioning.Input("negative"),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise (e.g. EmptySD3LatentImage)."),
+                io.Vae.Input("vae", tooltip="Decodes both samples."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Noise seed, shared by both runs. Default 0.",
+                ),
+                io.Int.Input("steps", default=28, min=1, max=10000, tooltip="Sampling steps of each run. Default 28."),
+                io.Float.Input(
+                    "cfg",
+                    default=7.0,
+                    min=1.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Guidance scale w of both runs. Default 7 (high, where CFG oversaturates). "
+                    "1 disables guidance, so both halves are the same.",
+                ),
+                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
+                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="sgm_uniform"),
+                io.Float.Input(
+                    "denoise",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Share of the schedule to run. Default 1 (from pure noise).",
+                ),
+            ]
+            + apg_inputs(),
+            outputs=[
+                io.Image.Output("comparison", tooltip="CFG (left) and APG (right) with their settings as captions."),
+                io.String.Output("figures", tooltip="Mean saturation and brightness per image and APG/CFG ratios."),
+                io.Image.Output("cfg_image"),
+                io.Image.Output("apg_image"),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def validate_inputs(cls, window_start: float, window_end: float) -> bool | str:
+        return check_window(window_start, window_end)
+
+    @classmethod
+    def execute(
+        cls, model, positive, negative, latent_image, vae, seed, steps, cfg, sampler_name, scheduler, denoise, **kwargs
+    ) -> io.NodeOutput:
+        settings = settings_from(**kwargs)
+        images = []
+        for sampling_model in (model, patch_model(model, settings)):
+            (latent,) = comfy_nodes.common_ksampler(
+                sampling_model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise
+            )
+            decoded = vae.decode(latent["samples"])
+            images.append(decoded.reshape(-1, *decoded.shape[-3:]))
+        cfg_image, apg_image = images
+        cfg_label = f"CFG w={cfg:g} ({sampler_name}/{scheduler}, {steps} steps, seed {seed})"
+        apg_label = settings.label(cfg)
+        figures = comparison_text(image_figures(cfg_image), image_figures(apg_image), cfg_label, apg_label)
+        halves = {
+            "cfg": ui.ImageSaveHelper.save_images(cfg_image, "sd35_apg_cfg", io.FolderType.temp, cls, 1),
+            "apg": ui.ImageSaveHelper.save_images(apg_image, "sd35_apg_apg", io.FolderType.temp, cls, 1),
+        }
+        shown = {UI_KEY: [{**halves, "cfg_label": cfg_label, "apg_label": apg_label}], "text": [figures]}
+        grid = side_by_side(cfg_image, apg_image, cfg_label, apg_label)
+        return io.NodeOutput(grid, figures, cfg_image, apg_image, ui=shown)
+
+
+NODES = [SD35TunerAPG, SD35TunerAPGGuider, SD35TunerCompareCFGAPG]
