@@ -21,7 +21,7 @@ from PIL import Image
 
 from .buckets import Bucket, closest_bucket
 from .faces import FaceBox, FaceDetector
-from .images import image_size, load_image
+from .images import image_size, item_background, load_image
 from .manifest import CropBox, Dataset, DatasetItem
 from .saliency import best_window, saliency_map
 
@@ -194,7 +194,7 @@ def crop_dataset(
     items: list[DatasetItem] = []
     too_small: list[str] = []
     for i, item in enumerate(dataset.items):
-        image = load_image(item.source) if needs_pixels else None
+        image = load_image(item.source, item_background(item)) if needs_pixels else None
         size = image.size if image is not None else image_size(item.source)
         plan = plan_crop(image, size, buckets, settings, detector)
         flags = {**item.flags, "size": list(size), "upscale": round(plan.upscale, 4)}

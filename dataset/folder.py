@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
-from .images import IMAGE_EXTENSIONS, MAX_PIXELS, image_size, verify_image
+from .images import IMAGE_EXTENSIONS, MAX_PIXELS, WHITE, Background, image_size, verify_image
 from .manifest import Dataset, DatasetItem
 
 logger = logging.getLogger(__name__)
@@ -75,13 +75,15 @@ def scan_folder(
     strict: bool = False,
     max_pixels: int = MAX_PIXELS,
     verify: bool = True,
+    background: Background = WHITE,
     progress: Progress | None = None,
 ) -> Dataset:
     """Build a manifest from the images under ``root``, sorted by relative path.
 
     Each image is checked here (size, EXIF orientation, bomb guard and, with ``verify``, a cheap
     full decode that catches truncation) so bad files are found now rather than mid-training. ``repeats`` > 0 sets every
-    item's repeat count; 0 takes it from a kohya ``N_name`` folder, else 1. Raises ValueError
+    item's repeat count; 0 takes it from a kohya ``N_name`` folder, else 1. ``background`` is
+    recorded per item for compositing transparent images later (``render_item``). Raises ValueError
     if the folder is missing or holds no usable image, or (``strict``) on the first bad file or
     caption without an image.
     """
@@ -123,6 +125,8 @@ def scan_folder(
             flags = {"size": list(size)}
             if caption_path is None:
                 flags["no_caption"] = True
+            if background != WHITE:
+                flags["background"] = list(background)
             items.append(DatasetItem(source=str(path.resolve()), caption=caption, repeats=n, flags=flags))
         if progress is not None:
             progress(i + 1, len(images))

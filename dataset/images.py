@@ -150,13 +150,23 @@ def check_crop(item: DatasetItem, size: tuple[int, int]) -> None:
         )
 
 
-def render_item(item: DatasetItem, background: Background = WHITE) -> Image.Image:
+def item_background(item: DatasetItem) -> Background:
+    """The colour transparent pixels of this item are composited on (``flags["background"]``, else white)."""
+    value = item.flags.get("background")
+    if isinstance(value, (list, tuple)) and len(value) == 3:
+        return (int(value[0]), int(value[1]), int(value[2]))
+    return WHITE
+
+
+def render_item(item: DatasetItem, background: Background | None = None) -> Image.Image:
     """The item's pixels: its crop (whole image if None) resized to its bucket exactly (Lanczos).
+
+    Transparency is composited on ``background``, by default the item's own (``item_background``).
 
     With ``bucket`` None the crop is returned at its own size. The crop is cut out before resizing
     so the filter never pulls in pixels from outside the box.
     """
-    im = load_image(item.source, background)
+    im = load_image(item.source, background or item_background(item))
     check_crop(item, im.size)
     crop = item.crop or CropBox(0, 0, im.width, im.height)
     box = crop.as_ltrb()

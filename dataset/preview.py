@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .images import load_image
+from .images import item_background, load_image
 from .manifest import Dataset, DatasetItem
 
 REASON_COLOURS = {"face": (60, 220, 90), "saliency": (255, 170, 30), "centre": (80, 160, 255), "none": (200, 200, 200)}
@@ -27,7 +27,7 @@ def preview_tile(item: DatasetItem, tile: int = 512) -> Image.Image:
     its reason's colour, and reason, bucket and caption written in a strip below."""
     text_h = tile // 4
     canvas = Image.new("RGB", (tile, tile + text_h), (24, 24, 24))
-    image = load_image(item.source)
+    image = load_image(item.source, item_background(item))
     scale = min(tile / image.width, tile / image.height)
     shown = image.resize((max(1, round(image.width * scale)), max(1, round(image.height * scale))))
     ox, oy = (tile - shown.width) // 2, (tile - shown.height) // 2

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from .images import WHITE, Background, render_item
+from .images import Background, render_item
 from .manifest import Dataset, DatasetItem
 
 FORMATS = {"png": ("PNG", {}), "jpg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"quality": 95})}
@@ -42,7 +42,7 @@ def save_dataset(
     *,
     image_format: str = "png",
     overwrite: bool = False,
-    background: Background = WHITE,
+    background: Background | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Dataset:
     """Render every item (crop + resize to its bucket) into ``target``; return the saved manifest.

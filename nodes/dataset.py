@@ -30,6 +30,7 @@ from ._types import Dataset as DatasetType
 CATEGORY_DATASET = f"{CATEGORY}/dataset"
 # Absolute dataset folders outside ComfyUI's input folder must be listed here (os.pathsep-separated).
 ALLOWED_DIRS_ENV = "SD35_TUNER_DATASET_DIRS"
+BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 128)}
 CAPTION_EXT_CHOICES = {".txt": (".txt",), ".caption": (".caption",), ".txt, then .caption": CAPTION_EXTENSIONS}
 
 
@@ -107,6 +108,12 @@ class LoadDataset(io.ComfyNode):
                     tooltip="Stop at the first unreadable image or caption without an image. Default off: they are "
                     "skipped and counted in the report.",
                 ),
+                io.Combo.Input(
+                    "background",
+                    options=list(BACKGROUNDS),
+                    default="white",
+                    tooltip="Colour that transparent areas (PNG/WebP alpha) are filled with (default white).",
+                ),
             ],
             outputs=[
                 DatasetType.Output(display_name="dataset"),
@@ -132,7 +139,7 @@ class LoadDataset(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, folder: str, recursive: bool, repeats: int, caption_extension: str, strict: bool
+        cls, folder: str, recursive: bool, repeats: int, caption_extension: str, strict: bool, background: str
     ) -> io.NodeOutput:
         root = resolve_dataset_folder(folder)
         dataset = scan_folder(
@@ -141,6 +148,7 @@ class LoadDataset(io.ComfyNode):
             repeats=repeats,
             caption_exts=CAPTION_EXT_CHOICES[caption_extension],
             strict=strict,
+            background=BACKGROUNDS[background],
         )
         return io.NodeOutput(dataset, len(dataset), report(dataset, f"{len(dataset)} image(s) from {root}"))
 

@@ -76,3 +76,16 @@ def test_manifest_round_trips_through_jsonl(sample: Path, tmp_path: Path) -> Non
     ds.write_jsonl(tmp_path / "dataset.jsonl")
     back = Dataset.read_jsonl(tmp_path / "dataset.jsonl")
     assert back.items == ds.items
+
+
+def test_the_chosen_background_travels_with_the_items(tmp_path: Path) -> None:
+    from dataset.images import render_item
+
+    bad = write_bad_inputs(tmp_path)
+    ds = scan_folder(tmp_path, background=(0, 0, 255))
+    item = next(i for i in ds.items if i.source == str(bad["rgba"].resolve()))
+    assert item.flags["background"] == [0, 0, 255]
+    rendered = render_item(item)
+    assert rendered.getpixel((5, 5)) == (255, 0, 0) and rendered.getpixel((55, 5)) == (0, 0, 255)
+    default = next(i for i in scan_folder(tmp_path).items if i.source == item.source)
+    assert "background" not in default.flags and render_item(default).getpixel((55, 5)) == (255, 255, 255)
