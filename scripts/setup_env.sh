@@ -27,9 +27,9 @@ if [[ ! -x $PY || "$(cat "$VENV/.stamp" 2>/dev/null)" != "$want" ]]; then
   # torch and torchvision pinned by constraints.txt: anything unpinned pulls a CUDA build.
   "$PY" -m pip install -q -c "$ROOT/constraints.txt" torch==2.13.0 torchvision==0.28.0 \
       -r "$ROOT/requirements.txt" -r "$ROOT/requirements-dev.txt" 2>&1 | grep -v "^WARNING: Location" || true
-  "$PY" -c "import torch, diffusers, peft, optimum.quanto, cv2, pytest, playwright" \
-      || { say "venv is incomplete: see the pip output above"; exit 1; }
   "$PY" "$ROOT/scripts/patch_torchvision.py"
+  "$PY" -c "import torch, torchvision, diffusers, peft, optimum.quanto, cv2, pytest, playwright" \
+      || { say "venv is incomplete: see the pip output above"; exit 1; }
   echo "$want" > "$VENV/.stamp"
 else
   say "venv up to date"
