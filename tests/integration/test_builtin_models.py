@@ -39,7 +39,10 @@ def _graph(ckpt: str, clip_loader: dict, size: int = 64, seed: int = 1) -> dict:
 
 
 CLIP_L_AS_SD3 = {"class_type": "CLIPLoader", "inputs": {"clip_name": paths.CLIP_L, "type": "sd3"}}
-TRIPLE = {"class_type": "TripleCLIPLoader", "inputs": {"clip_name1": "clip_l.safetensors"}}  # swapped by point_at_builtin_models
+TRIPLE = {
+    "class_type": "TripleCLIPLoader",
+    "inputs": {"clip_name1": "clip_l.safetensors"},
+}  # swapped by point_at_builtin_models
 
 
 @pytest.mark.parametrize(
