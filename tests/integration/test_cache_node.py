@@ -40,47 +40,71 @@ def write_images(folder: Path, specs: dict[str, tuple[tuple[int, int], str]]) ->
         (folder / f"{name}.txt").write_text(caption, encoding="utf-8")
 
 
-def graph(folder: str, cache_name: str, vae: str = paths.SD3_VAE, location: str = "output", **opts) -> dict:
-    return {
-        "load": {
-            "class_type": "SD35TunerLoadDataset",
-            "inputs": {
-                "folder": folder,
-                "recursive": False,
-                "repeats": 0,
-                "caption_extension": ".txt",
-                "strict": True,
+def graph(comfy, folder: str, cache_name: str, vae: str = paths.SD3_VAE, location: str = "output", **opts) -> dict:
+    return with_defaults(
+        comfy,
+        {
+            "load": {
+                "class_type": "SD35TunerLoadDataset",
+                "inputs": {
+                    "folder": folder,
+                    "recursive": False,
+                    "repeats": 0,
+                    "caption_extension": ".txt",
+                    "strict": True,
+                },
+            },
+            "crop": {
+                "class_type": "SD35TunerSmartCrop",
+                "inputs": {
+                    "dataset": ["load", 0],
+                    "mode": "centre",
+                    "resolution": 256,
+                    "buckets": "512x512, 512x256, 256x512",  # x 256/1024: 128x128, 128x64, 64x128
+                    "headroom": 0.5,
+                    "max_upscale": 0.0,
+                    "too_small": "keep",
+                },
+            },
+            "vae": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
+            "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": paths.CLIP_L, "type": "sd3"}},
+            "cache": {
+                "class_type": NODE,
+                "inputs": {
+                    "dataset": ["crop", 0],
+                    "vae": ["vae", 0],
+                    "clip": ["clip", 0],
+                    "cache_name": cache_name,
+                    "location": location,
+                    "validation_prompts": opts.get("validation", "a red car\n\na blue boat"),
+                    "random_flip": opts.get("flip", False),
+                    "tile_above": 0,
+                    "batch_size": opts.get("batch_size", 2),
+                },
             },
         },
-        "crop": {
-            "class_type": "SD35TunerSmartCrop",
-            "inputs": {
-                "dataset": ["load", 0],
-                "mode": "centre",
-                "resolution": 256,
-                "buckets": "512x512, 512x256, 256x512",  # x 256/1024: 128x128, 128x64, 64x128
-                "headroom": 0.5,
-                "max_upscale": 0.0,
-                "too_small": "keep",
-            },
-        },
-        "vae": {"class_type": "VAELoader", "inputs": {"vae_name": vae}},
-        "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": paths.CLIP_L, "type": "sd3"}},
-        "cache": {
-            "class_type": NODE,
-            "inputs": {
-                "dataset": ["crop", 0],
-                "vae": ["vae", 0],
-                "clip": ["clip", 0],
-                "cache_name": cache_name,
-                "location": location,
-                "validation_prompts": opts.get("validation", "a red car\n\na blue boat"),
-                "random_flip": opts.get("flip", False),
-                "tile_above": 0,
-                "batch_size": opts.get("batch_size", 2),
-            },
-        },
-    }
+    )
+
+
+_INFO: dict = {}
+
+
+def with_defaults(comfy, prompt: dict) -> dict:
+    """Fill the widget inputs a graph leaves out with their /object_info defaults (other nodes' inputs may grow)."""
+    for node in prompt.values():
+        if node["class_type"] not in _INFO:
+            _INFO.update(comfy.get(f"/object_info/{node['class_type']}"))
+        for name, spec in _INFO[node["class_type"]]["input"].get("required", {}).items():
+            options = spec[1] if len(spec) > 1 else {}
+            if name in node["inputs"]:
+                continue
+            if "default" in options:
+                node["inputs"][name] = options["default"]
+            elif isinstance(spec[0], list) and spec[0]:
+                node["inputs"][name] = spec[0][0]
+            elif options.get("options"):
+                node["inputs"][name] = options["options"][0]
+    return prompt
 
 
 def error_of(comfy, prompt: dict) -> str:
@@ -152,7 +176,7 @@ def dataset_folder(comfy) -> str:
 
 @pytest.fixture(scope="module")
 def first(comfy, dataset_folder) -> dict:
-    entry = comfy.run(graph(dataset_folder, "sd35cache/main"))
+    entry = comfy.run(graph(comfy, dataset_folder, "sd35cache/main"))
     reader = CacheReader(comfy.base_dir / "output" / "sd35cache" / "main")
     return {"summary": summary(entry), "reader": reader, "refs": references(comfy, reader, "main")}
 
@@ -206,32 +230,25 @@ def test_batches_are_sd3_scaled_and_shaped(first):
 def test_rerun_encodes_nothing_and_caption_edit_encodes_one_text(comfy, dataset_folder, first):
     folder = comfy.base_dir / "input" / dataset_folder
     os.utime(folder / "coffee.png")  # touched, same bytes: the loader re-runs, the cache finds every key
-    entry = comfy.run(graph(dataset_folder, "sd35cache/main"))
+    entry = comfy.run(graph(comfy, dataset_folder, "sd35cache/main"))
     assert counts(summary(entry)) == {"latents": (0, 3), "texts": (0, 6)}
     (folder / "coffee.txt").write_text("a cup of black coffee on a saucer", encoding="utf-8")
-    entry = comfy.run(graph(dataset_folder, "sd35cache/main"))
+    entry = comfy.run(graph(comfy, dataset_folder, "sd35cache/main"))
     assert counts(summary(entry)) == {"latents": (0, 3), "texts": (1, 5)}
     assert "removed 1 stale entry" in summary(entry)
     (folder / "coffee.txt").write_text(CAPTIONS["coffee"], encoding="utf-8")
-    entry = comfy.run(graph(dataset_folder, "sd35cache/main"))
+    entry = comfy.run(graph(comfy, dataset_folder, "sd35cache/main"))
     assert counts(summary(entry)) == {"latents": (0, 3), "texts": (1, 5)}
-
-
-def test_vae_swap_reencodes_every_latent_and_no_text(comfy, dataset_folder, first, other_vaes):
-    entry = comfy.run(graph(dataset_folder, "sd35cache/main", vae=other_vaes["other"]))
-    assert counts(summary(entry)) == {"latents": (3, 0), "texts": (0, 6)}
-    reader = CacheReader(comfy.base_dir / "output" / "sd35cache" / "main")
-    assert not torch.allclose(reader.raw_latent(0), first["refs"][0]["latent"].float(), atol=1e-3)
-    entry = comfy.run(graph(dataset_folder, "sd35cache/main"))  # back to the built-in VAE
-    assert counts(summary(entry)) == {"latents": (3, 0), "texts": (0, 6)}
 
 
 def test_truncated_shard_is_repaired_on_the_next_run(comfy, dataset_folder, first):
     cache = comfy.base_dir / "output" / "sd35cache" / "main"
-    comfy.run(graph(dataset_folder, "sd35cache/main"))
+    comfy.run(graph(comfy, dataset_folder, "sd35cache/main"))
     shard = next((cache / "latents").rglob("*.safetensors"))
     shard.write_bytes(shard.read_bytes()[:-64])
-    entry = comfy.run(graph(dataset_folder, "sd35cache/main"))  # same graph: the fingerprint sees the shard change
+    entry = comfy.run(
+        graph(comfy, dataset_folder, "sd35cache/main")
+    )  # same graph: the fingerprint sees the shard change
     text = summary(entry)
     assert "repaired 1 damaged shard" in text and counts(text)["latents"][0] >= 1
     reader = CacheReader(cache)
@@ -240,14 +257,21 @@ def test_truncated_shard_is_repaired_on_the_next_run(comfy, dataset_folder, firs
         torch.testing.assert_close(reader.raw_latent(i), ref["latent"].float(), rtol=0, atol=1e-5)
 
 
+def test_vae_swap_reencodes_every_latent_and_no_text(comfy, dataset_folder, first, other_vaes):
+    entry = comfy.run(graph(comfy, dataset_folder, "sd35cache/main", vae=other_vaes["other"]))
+    assert counts(summary(entry)) == {"latents": (3, 0), "texts": (0, 6)}
+    reader = CacheReader(comfy.base_dir / "output" / "sd35cache" / "main")
+    assert not torch.allclose(reader.raw_latent(0), first["refs"][0]["latent"].float(), atol=1e-3)
+
+
 def test_four_channel_vae_is_refused_with_a_clear_message(comfy, dataset_folder, other_vaes):
-    message = error_of(comfy, graph(dataset_folder, "sd35cache/four", vae=other_vaes["four"]))
+    message = error_of(comfy, graph(comfy, dataset_folder, "sd35cache/four", vae=other_vaes["four"]))
     assert "ValueError: The connected VAE produces 4-channel latents, but SD3/SD3.5 needs a 16-channel VAE" in message
 
 
 def test_cache_name_outside_the_output_folder_is_refused(comfy, dataset_folder):
     with pytest.raises(ComfyError, match=r"cache_name '\.\./escape' must be a relative folder inside"):
-        comfy.run(graph(dataset_folder, "../escape"))
+        comfy.run(graph(comfy, dataset_folder, "../escape"))
 
 
 def test_read_only_cache_folder_gives_a_clear_error(comfy, dataset_folder):
@@ -259,7 +283,7 @@ def test_read_only_cache_folder_gives_a_clear_error(comfy, dataset_folder):
     elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
         pytest.skip("cannot make a folder read-only here (root without CAP_LINUX_IMMUTABLE)")
     try:
-        message = error_of(comfy, graph(dataset_folder, "sd35cache/readonly"))
+        message = error_of(comfy, graph(comfy, dataset_folder, "sd35cache/readonly"))
         assert re.search(r"CacheWriteError: .*cannot write the cache at \S*readonly: .*read-only", message), message
     finally:
         if root:
@@ -269,10 +293,15 @@ def test_read_only_cache_folder_gives_a_clear_error(comfy, dataset_folder):
     assert list(folder.iterdir()) == []
 
 
-def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, tmp_path):
-    """SIGKILL a second server (same input/output folders) once the first latent shard exists; rerun."""
-    specs = {"coffee_wide": ((192, 96), "a wide cup")}
-    specs.update({f"astronaut_{i}": ((128 + 8 * i, 128), f"astronaut number {i}") for i in range(4)})
+def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, tmp_path, first):
+    """SIGKILL a second server (same input/output folders) once the first latent shard exists; rerun.
+
+    The coffee image and the captions are the main dataset's, so what the killed run left behind is
+    checked against core's reference encodings from ``first``.
+    """
+    suit = CAPTIONS["astronaut"]
+    specs = {"coffee": (SIZES["coffee"], CAPTIONS["coffee"])}
+    specs.update({f"astronaut_{i}": ((128 + 8 * i, 128), suit) for i in range(4)})
     write_images(comfy.base_dir / "input" / "sd35cache_kill", specs)
     cache = comfy.base_dir / "output" / "sd35cache" / "killed"
     victim = ComfyServer(
@@ -286,9 +315,9 @@ def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, 
     )
     victim.start()
     try:
-        victim.queue(graph("sd35cache_kill", "sd35cache/killed", batch_size=1, validation=""))
+        victim.queue(graph(comfy, "sd35cache_kill", "sd35cache/killed", batch_size=1, validation=""))
         deadline = time.monotonic() + 300
-        while not list((cache / "latents").rglob("*.safetensors")):  # the 128x64 bucket is done first
+        while not list((cache / "latents").rglob("*.safetensors")):  # the 128x64 bucket (coffee) is done first
             assert time.monotonic() < deadline, "the first latent shard never appeared"
             assert victim.proc.poll() is None
             time.sleep(0.05)
@@ -298,15 +327,19 @@ def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, 
         victim.stop()
     with pytest.raises(ValueError, match="incomplete"):
         CacheReader(cache)
-    entry = comfy.run(graph("sd35cache_kill", "sd35cache/killed", batch_size=1, validation=""))
-    latents = counts(summary(entry))["latents"]
-    assert latents[1] >= 1 and latents[0] >= 1 and sum(latents) == 5, summary(entry)
-    assert counts(summary(entry))["texts"][0] == 0
+    entry = comfy.run(graph(comfy, "sd35cache_kill", "sd35cache/killed", batch_size=1, validation=""))
+    latents, texts = counts(summary(entry))["latents"], counts(summary(entry))["texts"]
+    assert latents[1] >= 1 and latents[0] >= 1 and sum(latents) == 5 and texts == (0, 3), summary(entry)
     resumed = CacheReader(cache)
     resumed.verify(deep=True)
-    comfy.run(graph("sd35cache_kill", "sd35cache/clean", location="temp", batch_size=4, validation=""))
-    clean = CacheReader(comfy.base_dir / "temp" / "sd35cache" / "clean")
-    assert [e["latent"] for e in resumed.items] == [e["latent"] for e in clean.items]
-    for i, entry in enumerate(clean.items):
-        assert torch.equal(resumed.raw_latent(i), clean.raw_latent(i))
-        assert torch.equal(resumed.text(entry["caption"])[0], clean.text(entry["caption"])[0])
+    refs = {e["caption"]: ref for e, ref in zip(first["reader"].items, first["refs"], strict=True)}
+    coffee = next(i for i, e in enumerate(resumed.items) if e["source"].endswith("coffee.png"))
+    torch.testing.assert_close(
+        resumed.raw_latent(coffee), refs[CAPTIONS["coffee"]]["latent"].float(), rtol=0, atol=1e-5
+    )
+    for caption in (CAPTIONS["coffee"], suit):
+        cond, pooled = resumed.text(caption)
+        torch.testing.assert_close(cond, refs[caption]["cond"].float(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(pooled, refs[caption]["pooled"].float(), rtol=0, atol=1e-5)
+    for i in range(len(resumed.items)):
+        assert torch.isfinite(resumed.raw_latent(i)).all()
