@@ -497,3 +497,43 @@ def test_verify_names_stale_items(tmp_path, photos, reader):
     Path(ds.items[3].source).unlink()
     with pytest.raises(ValueError, match="rocket.png: image vanished"):
         reader.verify(ds)
+
+
+# -- token shuffle variants ----------------------------------------------------------------------------
+
+
+def test_shuffled_captions_keep_the_first_parts_and_are_deterministic():
+    from training.cache.builder import shuffled_captions
+
+    caption = "ohwx person, red coat, snow, mountains, smiling"
+    variants = shuffled_captions(caption, 4, keep_first=1)
+    assert len(variants) == 4 and len(set(variants)) == 4 and caption not in variants
+    for v in variants:
+        parts = v.split(", ")
+        assert parts[0] == "ohwx person" and sorted(parts[1:]) == sorted(caption.split(", ")[1:])
+    assert shuffled_captions(caption, 4, keep_first=1) == variants
+    assert shuffled_captions("just one part", 3, keep_first=0) == []
+    assert shuffled_captions("a, b", 5, keep_first=0) == ["b, a"]
+
+
+def test_caption_variants_are_cached_and_picked_per_sample(tmp_path, photos):
+    ds = make_dataset(tmp_path / "ds", photos, coffee="coffee, cup, saucer, table, morning light")
+    clip = FakeCLIP()
+    report = build(ds, tmp_path / "cache", FakeVAE(), clip, shuffle_variants=3, keep_first=1)
+    # 4 captions + "" + 3 variants of the coffee caption (the others have a single part)
+    assert report.texts_encoded == 8
+    reader = CacheReader(tmp_path / "cache")
+    reader.verify(ds)
+    coffee = next(e for e in reader.items if e["caption"].startswith("coffee"))
+    assert len(coffee["variants"]) == 3 and reader.meta["shuffle_variants"] == 3
+    seen = set()
+    for epoch in range(12):
+        for batch in reader.batches(1, seed=5, epoch=epoch):
+            if batch.captions[0].startswith("coffee"):
+                seen.add(batch.captions[0])
+                torch.testing.assert_close(batch.cond, FakeCLIP().encode(batch.captions[0]).cond)
+    assert seen == {coffee["caption"], *(v for v, _ in coffee["variants"])}
+    again = build(ds, tmp_path / "cache", FakeVAE(), FakeCLIP(), shuffle_variants=3, keep_first=1)
+    assert again.texts_encoded == 0
+    off = build(ds, tmp_path / "cache", FakeVAE(), FakeCLIP())
+    assert off.texts_encoded == 0 and off.stale_removed == 3

@@ -17,6 +17,8 @@ loader (``loader.CacheReader.batches``), so the cached values can be compared wi
 from __future__ import annotations
 
 import logging
+import random
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -87,6 +89,7 @@ class BuildReport:
     repaired: list[str] = field(default_factory=list)
     stale_removed: int = 0
     images_hashed: int = 0
+    seconds: float = 0.0
 
     def summary(self) -> str:
         buckets = ", ".join(f"{b}: {n}" for b, n in self.buckets.items())
@@ -94,7 +97,7 @@ class BuildReport:
             f"{self.items} items ({self.with_repeats} with repeats) in {len(self.buckets)} bucket(s): {buckets}",
             f"latents: {self.latents_encoded} encoded, {self.latents_reused} reused",
             f"texts: {self.texts_encoded} encoded, {self.texts_reused} reused (cond length {self.text_len})",
-            f"cache size: {self.bytes / 2**20:.2f} MiB ({self.bytes} bytes)",
+            f"cache size: {self.bytes / 2**20:.2f} MiB ({self.bytes} bytes); took {self.seconds:.3f} s",
         ]
         if self.truncated:
             lines.append(
@@ -154,7 +157,7 @@ class _Builder:
     def _drop(self, rel: str, why: str) -> None:
         logger.warning("SD3.5 Tuner cache: shard %s %s; its entries will be re-encoded", self.dir / rel, why)
         self.repaired.append(f"{rel} ({why})")
-        (self.dir / rel).unlink(missing_ok=True)
+        _unlink(self.dir / rel)
 
     def _load(self, old: dict[str, Any]) -> None:
         """Keep the old index's shards that are intact; adopt whole shards that a killed run never indexed."""
@@ -236,7 +239,8 @@ class _Builder:
                 bucket = tuple(int(x) for x in parts[2].split("x")) if kind == "latent" else None
                 self.write(kind, self.shards[rel]["identity"], bucket, {n: tensors[n] for n in names})
             del self.shards[rel]
-            (self.dir / rel).unlink(missing_ok=True)
+            if not _unlink(self.dir / rel):
+                continue
             for parent in (self.dir / rel).parents:
                 if parent == self.dir or any(parent.iterdir()):
                     break
@@ -245,6 +249,36 @@ class _Builder:
 
     def total_bytes(self) -> int:
         return sum(int(s["bytes"]) for s in self.shards.values())
+
+
+def _unlink(path: Path) -> bool:
+    """Delete a shard; a file still open elsewhere (Windows) is left for the next run to collect."""
+    try:
+        path.unlink(missing_ok=True)
+    except OSError as err:
+        logger.warning("SD3.5 Tuner cache: could not delete %s (%s); it will be collected next run", path, err)
+        return False
+    return True
+
+
+def shuffled_captions(caption: str, variants: int, keep_first: int) -> list[str]:
+    """Up to ``variants`` distinct re-orderings of a caption's comma-separated parts, the first ``keep_first``
+    parts staying in place (kohya's shuffle_caption / keep_tokens). Deterministic per caption; the caption
+    itself is never among them. Encoding them at cache time lets the trainer shuffle without a text encoder.
+    """
+    parts = [p.strip() for p in caption.split(",") if p.strip()]
+    head, tail = parts[:keep_first], parts[keep_first:]
+    rng = random.Random(f"sd35-tuner-shuffle:{caption}")
+    out: dict[str, None] = {}
+    for _ in range(variants * 4):  # a few extra draws, since short tails repeat orders
+        if len(out) >= variants:
+            break
+        order = tail[:]
+        rng.shuffle(order)
+        text = ", ".join(head + order)
+        if text != caption and text != ", ".join(parts):
+            out[text] = None
+    return list(out)
 
 
 def _narrow(t: torch.Tensor) -> torch.Tensor:
@@ -266,6 +300,8 @@ def build_cache(
     flip: bool = False,
     batch_size: int = 4,
     validation_prompts: Iterable[str] = (),
+    shuffle_variants: int = 0,
+    keep_first: int = 1,
     render: Callable[[DatasetItem], Any],
     progress: Callable[[int, int], None] | None = None,
     shard_bytes: int = DEFAULT_SHARD_BYTES,
@@ -280,6 +316,7 @@ def build_cache(
     Raises ValueError for bad input (naming the file or field) and ``store.CacheWriteError`` when the
     folder cannot be written; the previous index is never left half-written.
     """
+    started = time.perf_counter()
     cache_dir = Path(cache_dir)
     _check_dataset(dataset, latent_encoder)
     if batch_size < 1:
@@ -298,6 +335,15 @@ def build_cache(
 
     vae_id, te_id, max_tok = latent_encoder.identity, text_encoder.identity, text_encoder.max_tokens
     flips = (False, True) if flip else (False,)
+    if shuffle_variants < 0 or keep_first < 0:
+        raise ValueError(f"shuffle_variants and keep_first must be >= 0 (got {shuffle_variants}, {keep_first})")
+    shuffled: dict[str, list[str]] = {}
+
+    def variants_of(caption: str) -> list[str]:
+        if caption not in shuffled:
+            shuffled[caption] = shuffled_captions(caption, shuffle_variants, keep_first) if shuffle_variants else []
+        return shuffled[caption]
+
     items_index: list[dict[str, Any]] = []
     wanted_latents: dict[str, tuple[DatasetItem, bool]] = {}
     for item in dataset.items:
@@ -318,9 +364,11 @@ def build_cache(
                 "latent": keys[0],
                 "latent_flip": keys[1] if flip else None,
                 "text": text_key(item.caption, te_id, max_tok),
+                "variants": [[v, text_key(v, te_id, max_tok)] for v in variants_of(item.caption)],
             }
         )
-    captions = dict.fromkeys([*(i.caption for i in dataset.items), "", *validation])
+    variant_texts = [v for e in items_index for v, _ in e["variants"]]
+    captions = dict.fromkeys([*(i.caption for i in dataset.items), "", *validation, *variant_texts])
     wanted_texts = {text_key(c, te_id, max_tok): c for c in captions}
     report.images_hashed = sources.hashed
 
@@ -441,6 +489,8 @@ def build_cache(
         pooled_dim=POOLED_DIM,
         max_tokens=max_tok,
         flip=flip,
+        shuffle_variants=shuffle_variants,
+        keep_first=keep_first,
         counts={"items": report.items, "with_repeats": report.with_repeats},
         buckets=report.buckets,
         items=items_index,
@@ -450,6 +500,7 @@ def build_cache(
     body["counts"].update(latents=len(wanted_latents), texts=len(wanted_texts))
     b.write_index(body)
     report.bytes = b.total_bytes()
+    report.seconds = time.perf_counter() - started
     return report
 
 

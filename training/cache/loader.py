@@ -5,7 +5,8 @@ What the trainer gets: ``Batch.latents`` already in the space the SD3 transforme
 hold raw VAE output), plus ``cond`` [B, L, 4096] and ``pooled`` [B, 2048] exactly as ComfyUI's SD3
 CLIP produced them. A batch never mixes buckets; items appear ``repeats`` times per epoch; the
 order depends only on (seed, epoch). With mirrored latents cached, each sample picks the original
-or the mirror with the same seeded generator.
+or the mirror with the same seeded generator; with shuffled-caption variants cached (token shuffle,
+kohya's shuffle_caption + keep_tokens), each sample picks the caption or one of its variants.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ class CacheReader:
             self._names[rel] = store.shard_header(path)[0]
         self.items: list[dict[str, Any]] = index["items"]
         self.meta: dict[str, Any] = {
-            k: index[k]
+            k: index.get(k)
             for k in (
                 "vae_id",
                 "text_encoder_id",
@@ -77,6 +78,8 @@ class CacheReader:
                 "pooled_dim",
                 "max_tokens",
                 "flip",
+                "shuffle_variants",
+                "keep_first",
                 "counts",
                 "buckets",
             )
@@ -142,7 +145,9 @@ class CacheReader:
         """
         problems: list[str] = []
         for entry in self.items:
-            for kind, key in (("latent", entry["latent"]), ("latent", entry["latent_flip"]), ("text", entry["text"])):
+            keys = [("latent", entry["latent"]), ("latent", entry["latent_flip"]), ("text", entry["text"])]
+            keys += [("text", key) for _, key in entry.get("variants", [])]
+            for kind, key in keys:
                 if key is None:
                     continue
                 rel = self.index["latents" if kind == "latent" else "texts"].get(key)
@@ -211,11 +216,20 @@ class CacheReader:
             flips = [bool(self.meta["flip"]) and rng.random() < 0.5 for _ in chunk]
             keys = [self.items[i]["latent_flip" if f else "latent"] for i, f in zip(chunk, flips, strict=True)]
             latents = torch.stack([self._latent(k) for k in keys])
-            texts = [self._text(self.items[i]["text"]) for i in chunk]
+            chosen = [self._pick_caption(self.items[i], rng) for i in chunk]
+            texts = [self._text(key) for _, key in chosen]
             yield Batch(
                 latents=(latents - shift) * scale,
                 cond=torch.stack([c for c, _ in texts]),
                 pooled=torch.stack([p for _, p in texts]),
                 keys=keys,
-                captions=[self.items[i]["caption"] for i in chunk],
+                captions=[caption for caption, _ in chosen],
             )
+
+    @staticmethod
+    def _pick_caption(entry: dict[str, Any], rng: random.Random) -> tuple[str, str]:
+        variants = entry.get("variants") or []
+        if not variants:
+            return entry["caption"], entry["text"]
+        caption, key = ([entry["caption"], entry["text"]], *variants)[rng.randrange(len(variants) + 1)]
+        return caption, key
