@@ -122,9 +122,9 @@ class Caption(io.ComfyNode):
     ) -> io.NodeOutput:
         settings = CaptionTemplate(trigger, prefix, suffix, template, find, replace, policy)
         generated: list[str] | None = None
-        if captioner != KEEP:
+        todo = [i for i, item in enumerate(dataset.items) if policy != "fill_missing" or not item.caption.strip()]
+        if captioner != KEEP and todo:
             folder = find_captioner(captioner, captioner_folders())
-            todo = [i for i, item in enumerate(dataset.items) if policy != "fill_missing" or not item.caption.strip()]
             bar = comfy.utils.ProgressBar(len(todo))
             texts = caption_images(
                 folder,

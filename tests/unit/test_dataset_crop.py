@@ -185,3 +185,30 @@ def test_settings_are_validated() -> None:
         CropSettings(mode="faces")
     with pytest.raises(ValueError, match="max_upscale"):
         CropSettings(max_upscale=0.5)
+
+
+def test_all_faces_are_kept_when_they_fit_else_the_largest() -> None:
+    from dataset.crop import place_on_faces
+
+    near = [(100, 100, 60, 60), (220, 110, 80, 80)]
+    box, detail = place_on_faces(1000, 400, (400, 400), near, headroom=0.5)
+    assert detail == "all 2 faces"
+    for x, y, w, h in near:
+        assert box.x <= x - 0.5 * w and x + 1.5 * w <= box.x + box.w
+    far = [(50, 100, 60, 60), (800, 100, 100, 100)]
+    box, detail = place_on_faces(1000, 400, (400, 400), far, headroom=0.5)
+    assert detail == "largest face" and box.x <= 800 - 50 and 800 + 150 <= box.x + box.w
+
+
+def test_headroom_shrinks_before_a_big_face_is_cut() -> None:
+    from dataset.crop import place_on_faces
+
+    box, detail = place_on_faces(1000, 400, (400, 400), [(300, 20, 300, 300)], headroom=0.5)
+    assert detail.startswith("face, headroom cut to") and box.x <= 300 and 600 <= box.x + box.w
+    assert place_on_faces(1000, 400, (200, 200), [(300, 20, 300, 300)], headroom=0.5) is None
+
+
+def test_an_injected_detector_drives_the_face_crop() -> None:
+    image = Image.new("RGB", (1200, 400), (90, 90, 90))
+    plan = plan_crop(image, image.size, ((512, 512),), CropSettings(max_upscale=0), lambda rgb: [(1000, 150, 80, 80)])
+    assert plan.reason == "face" and plan.box.x + plan.box.w >= 1080 + 40
