@@ -150,7 +150,8 @@ class LoadDataset(io.ComfyNode):
             strict=strict,
             background=BACKGROUNDS[background],
         )
-        return io.NodeOutput(dataset, len(dataset), report(dataset, f"{len(dataset)} image(s) from {root}"))
+        text = report(dataset, f"{len(dataset)} image(s) from {root}")
+        return io.NodeOutput(dataset, len(dataset), text, ui={"text": [text]})
 
 
 class SmartCrop(io.ComfyNode):
@@ -244,7 +245,8 @@ class SmartCrop(io.ComfyNode):
         )
         reasons = [i.crop_reason for i in out.items]
         counts = ", ".join(f"{r}: {reasons.count(r)}" for r in ("face", "saliency", "centre", "none"))
-        return io.NodeOutput(out, report(out, f"{len(out)} of {len(dataset)} image(s) cropped ({counts})"))
+        text = report(out, f"{len(out)} of {len(dataset)} image(s) cropped ({counts})")
+        return io.NodeOutput(out, text, ui={"text": [text]})
 
 
 class PreviewDataset(io.ComfyNode):

@@ -63,5 +63,13 @@ def test_dataset_prep_loads_and_runs_from_the_frontend(ui, comfy, tmp_path) -> N
         """() => (window.app.graph.nodes.find((n) => n.type === "SD35TunerPreviewDataset").imgs || []).length > 0""",
         timeout=30_000,
     )
+    reports = ui.page.evaluate(
+        """() => Object.fromEntries(window.app.graph.nodes
+            .filter((n) => n.widgets?.some((w) => w.name === "sd35_report"))
+            .map((n) => [n.type, n.widgets.find((w) => w.name === "sd35_report").sd35El.textContent]))"""
+    )
+    assert reports["SD35TunerLoadDataset"].startswith(f"{len(SAMPLES)} image(s) from ")
+    assert reports["SD35TunerSmartCrop"].startswith(f"{len(SAMPLES)} of {len(SAMPLES)} image(s) cropped (face: 1")
+    assert reports["SD35TunerSaveDataset"].startswith(f"{len(SAMPLES)} image(s) saved to ")
     ui.screenshot(tmp_path / "dataset_prep.png")
     assert ui.unexpected_errors() == []
