@@ -1,0 +1,134 @@
+// CFG vs APG by eye: the comparison node shows both halves stacked, with a slider that moves the
+// split (CFG left, APG right) and a button that cycles split / CFG only / APG only.
+const { app } = window.comfyAPI.app;
+const { api } = window.comfyAPI.api;
+
+const NODE = "SD35TunerCompareCFGAPG";
+const UI_KEY = "sd35_apg_compare";
+const MODES = ["split", "cfg", "apg"];
+
+function viewUrl(item) {
+  const query = new URLSearchParams({ filename: item.filename, subfolder: item.subfolder ?? "", type: item.type ?? "temp" });
+  return api.apiURL(`/view?${query}`);
+}
+
+function el(tag, style = {}, props = {}) {
+  const node = Object.assign(document.createElement(tag), props);
+  Object.assign(node.style, style);
+  return node;
+}
+
+function buildViewer() {
+  const root = el("div", { display: "flex", flexDirection: "column", gap: "4px", width: "100%", height: "100%" });
+  root.className = "sd35-apg-compare";
+  root.dataset.mode = "split";
+  root.dataset.split = "50";
+  root.dataset.loaded = "0";
+
+  // the frame is fitted to the picture's aspect ratio, so slider percentages are percentages of the picture
+  const stage = el("div", { flex: "1 1 auto", minHeight: "64px", overflow: "hidden", display: "flex", alignItems: "center", justifyContent: "center" });
+  const frame = el("div", { position: "relative", width: "100%", height: "100%" });
+  frame.className = "sd35-apg-frame";
+  const imgStyle = { position: "absolute", inset: "0", width: "100%", height: "100%" };
+  const cfg = el("img", imgStyle, { alt: "CFG", className: "sd35-apg-cfg" });
+  const apg = el("img", imgStyle, { alt: "APG", className: "sd35-apg-apg" });
+  const line = el("div", { position: "absolute", top: "0", bottom: "0", width: "2px", background: "#fff", pointerEvents: "none" });
+  frame.append(cfg, apg, line);
+  stage.append(frame);
+
+  function fit() {
+    const w = cfg.naturalWidth, h = cfg.naturalHeight;
+    const W = stage.clientWidth, H = stage.clientHeight;
+    if (!w || !h || !W || !H) return;
+    const scale = Math.min(W / w, H / h);
+    frame.style.width = `${Math.floor(w * scale)}px`;
+    frame.style.height = `${Math.floor(h * scale)}px`;
+  }
+  const observer = new ResizeObserver(fit);
+  observer.observe(stage);
+
+  const controls = el("div", { display: "flex", gap: "6px", alignItems: "center" });
+  const slider = el("input", { flex: "1 1 auto" }, { type: "range", min: "0", max: "100", value: "50", title: "Split: CFG left, APG right" });
+  slider.className = "sd35-apg-slider";
+  const toggle = el("button", { fontSize: "11px" }, { textContent: "split", title: "Cycle: split / CFG only / APG only" });
+  toggle.className = "sd35-apg-toggle";
+  controls.append(el("span", { fontSize: "11px" }, { textContent: "CFG" }), slider, el("span", { fontSize: "11px" }, { textContent: "APG" }), toggle);
+
+  const caption = el("pre", { fontSize: "10px", margin: "0", whiteSpace: "pre-wrap", maxHeight: "72px", overflow: "auto" });
+  caption.className = "sd35-apg-caption";
+  root.append(stage, controls, caption);
+
+  function render() {
+    const mode = root.dataset.mode;
+    const split = Number(root.dataset.split);
+    const shown = mode === "split" ? split : mode === "cfg" ? 100 : 0;
+    apg.style.clipPath = `inset(0 0 0 ${shown}%)`;
+    line.style.display = mode === "split" ? "block" : "none";
+    line.style.left = `calc(${split}% - 1px)`;
+    toggle.textContent = mode;
+  }
+  slider.addEventListener("input", () => {
+    root.dataset.split = slider.value;
+    render();
+  });
+  toggle.addEventListener("click", () => {
+    root.dataset.mode = MODES[(MODES.indexOf(root.dataset.mode) + 1) % MODES.length];
+    render();
+  });
+  render();
+
+  function show(result, figures) {
+    let pending = 2;
+    const done = () => {
+      pending -= 1;
+      if (pending === 0) root.dataset.loaded = "1";
+    };
+    root.dataset.loaded = "0";
+    for (const [img, item] of [[cfg, result.cfg?.[0]], [apg, result.apg?.[0]]]) {
+      if (!item) continue;
+      img.onload = () => {
+        fit();
+        done();
+      };
+      img.src = viewUrl(item);
+    }
+    cfg.title = result.cfg_label ?? "CFG";
+    apg.title = result.apg_label ?? "APG";
+    caption.textContent = figures ?? `${cfg.title}\n${apg.title}`;
+  }
+  return { root, show, dispose: () => observer.disconnect() };
+}
+
+app.registerExtension({
+  name: "sd35tuner.APGCompare",
+  async beforeRegisterNodeDef(nodeType, nodeData) {
+    if (nodeData.name !== NODE) return;
+
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      this.sd35ApgViewer = buildViewer();
+      this.addDOMWidget("apg_compare", "sd35_apg_compare", this.sd35ApgViewer.root, {
+        serialize: false,
+        getMinHeight: () => 340,
+      });
+      return r;
+    };
+
+    const onExecuted = nodeType.prototype.onExecuted;
+    nodeType.prototype.onExecuted = function (message) {
+      const r = onExecuted?.apply(this, arguments);
+      const result = message?.[UI_KEY]?.[0];
+      if (result && this.sd35ApgViewer) this.sd35ApgViewer.show(result, message.text?.[0]);
+      return r;
+    };
+
+    const onRemoved = nodeType.prototype.onRemoved;
+    nodeType.prototype.onRemoved = function () {
+      this.sd35ApgViewer?.dispose();
+      this.sd35ApgViewer?.root.remove();
+      this.sd35ApgViewer = null;
+      return onRemoved?.apply(this, arguments);
+    };
+  },
+});
