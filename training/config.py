@@ -70,7 +70,7 @@ class TrainConfig:
         need(self.steps >= 1, "steps", "must be >= 1")
         need(self.batch_size >= 1, "batch_size", "must be >= 1")
         need(self.grad_accum >= 1, "grad_accum", "must be >= 1")
-        need(0 < self.learning_rate < 1, "learning_rate", "must be in (0, 1); 1e-4 is a safe start")
+        need(0 < self.learning_rate <= 1, "learning_rate", "must be in (0, 1]; 1e-4 is a safe start")
         need(1 <= self.rank <= 1024, "rank", "must be in 1-1024")
         need(self.alpha > 0, "alpha", "must be > 0 (alpha = rank gives scale 1)")
         need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")

@@ -88,3 +88,23 @@ def export_lora(
     path = Path(path)
     atomic_save_file(lora_state_dict(transformer, spec, dtype), path, header(spec, info or {}))
     return path
+
+
+def output_path(folder: str | os.PathLike, name: str, field: str = "lora_name") -> Path:
+    """``folder/<name>.safetensors`` confined to ``folder``; an existing file gets a ``_2``, ``_3``... version."""
+    folder = Path(folder).resolve()
+    stem = name.strip().removesuffix(".safetensors")
+    bad = not stem or Path(stem).is_absolute() or ".." in Path(stem).parts or any(c in stem for c in ':*?"<>|\\\0')
+    if bad:
+        raise ValueError(
+            f"{field} {name!r} is not a plain file name; use something like 'my_style' or 'people/my_style' "
+            "(no '..', no absolute path)"
+        )
+    path = (folder / f"{stem}.safetensors").resolve()
+    if not path.is_relative_to(folder):
+        raise ValueError(f"{field} {name!r} points outside {folder}")
+    version = 2
+    while path.exists():
+        path = path.with_name(f"{Path(stem).name}_{version}.safetensors")
+        version += 1
+    return path

@@ -1,0 +1,200 @@
+"""The training node in a real ComfyUI: dataset → cache → train on the built-in tiny SD3, then its outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import urllib.error
+import uuid
+
+import pytest
+from safetensors import safe_open
+
+from tools import paths
+from tools.comfy_server import execution_error
+from tools.sample_data import write_sample_folder
+
+FOLDER = "train_node_photos"
+
+
+def _node(info: dict, class_type: str, **values) -> dict:
+    """An API node with every widget at its /object_info default, then ``values`` on top (links included)."""
+    inputs = {}
+    for section in ("required", "optional"):
+        for name, spec in info[class_type]["input"].get(section, {}).items():
+            options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+            if "default" in options:
+                inputs[name] = options["default"]
+            elif isinstance(spec[0], list) and spec[0]:
+                inputs[name] = spec[0][0]
+    inputs.update(values)
+    return {"class_type": class_type, "inputs": inputs}
+
+
+@pytest.fixture(scope="module")
+def base_prompt(comfy) -> dict:
+    folder = write_sample_folder(comfy.base_dir / "input" / FOLDER)
+    for photo in ("coffee.jpg", "rocket.jpg", "camera.png"):  # 2 photos (one repeated twice) keep encoding short
+        (folder / photo).unlink()
+        (folder / photo).with_suffix(".txt").unlink(missing_ok=True)
+    info = comfy.object_info()
+    return {
+        "1": _node(info, "SD35TunerLoadDataset", folder=FOLDER),
+        "2": _node(info, "SD35TunerSmartCrop", dataset=["1", 0], resolution=256),
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": paths.SD3_VAE}},
+        "4": {"class_type": "CLIPLoader", "inputs": {"clip_name": paths.CLIP_L, "type": "sd3"}},
+        "5": _node(
+            info,
+            "SD35TunerCacheLatents",
+            dataset=["2", 0],
+            vae=["3", 0],
+            clip=["4", 0],
+            cache_name="sd35_cache/train_node",
+            validation_prompts="a tabby cat",
+        ),
+        "6": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": paths.SD3_CHECKPOINT}},
+        "7": _node(
+            info,
+            "SD35TunerTrainSettings",
+            base_dtype="fp32",
+            save_dtype="fp32",
+            checkpoint_every=2,
+            validation_steps=2,
+        ),
+        "8": _node(
+            info,
+            "SD35TunerTrainLora",
+            cache=["5", 0],
+            base_model=paths.SD3_CHECKPOINT,
+            steps=4,
+            learning_rate=1e-3,
+            rank=4,
+            alpha=8.0,
+            settings=["7", 0],
+        ),
+    }
+
+
+def _loras(comfy) -> set[str]:
+    return {p.name for p in (comfy.base_dir / "models" / "loras").rglob("*") if p.is_file()}
+
+
+def _prompt(base: dict, name: str, **train) -> dict:
+    prompt = copy.deepcopy(base)
+    prompt["8"]["inputs"].update({"lora_name": name, **train})
+    return prompt
+
+
+def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, base_prompt):
+    name = f"node_{uuid.uuid4().hex[:6]}"
+    loras = comfy.base_dir / "models" / "loras"
+    (loras / f"{name}.safetensors").write_bytes(b"an older LoRA with the same name")
+    prompt = _prompt(base_prompt, name, vae=["3", 0], model=["6", 0])
+    prompt["9"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
+    prompt["10"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a tabby cat", "clip": ["4", 0]}}
+    prompt["11"] = {
+        "class_type": "KSampler",
+        "inputs": {
+            "model": ["8", 1],
+            "seed": 0,
+            "steps": 2,
+            "cfg": 3.0,
+            "sampler_name": "euler",
+            "scheduler": "simple",
+            "positive": ["10", 0],
+            "negative": ["10", 0],
+            "latent_image": ["9", 0],
+            "denoise": 1.0,
+        },
+    }
+    prompt["12"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": f"latents/{name}"}}
+    entry = comfy.run(prompt, timeout=600)
+
+    panel = entry["outputs"]["8"]
+    assert panel["lora_name"] == [f"{name}_2.safetensors"]
+    assert len(panel["losses"]) == 4 and all(isinstance(v, float) for v in panel["losses"])
+    assert panel["images"], "the node shows the validation grid"
+    assert (loras / f"{name}.safetensors").read_bytes() == b"an older LoRA with the same name"
+    with safe_open(str(loras / f"{name}_2.safetensors"), "pt") as f:
+        keys, meta = list(f.keys()), f.metadata()
+    assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
+    assert meta["sd35_tuner.steps"] == "4" and meta["sd35_tuner.base_model"] == paths.SD3_CHECKPOINT
+    assert json.loads(meta["sd35_tuner.config"])["rank"] == 4
+    run_dir = comfy.base_dir / "output" / "sd35_tuner_runs" / name
+    assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
+    assert len(list((run_dir / "validation").glob("*_cfg_*.png"))) == 1
+    assert len(list((run_dir / "validation").glob("*_apg_*.png"))) == 1
+    assert comfy.output_files(entry, "12", "latents")[0].is_file()  # the returned MODEL samples
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"rank": 0}, "rank"),
+        ({"learning_rate": 0.0}, "learning_rate"),
+        ({"lora_name": "../escape"}, "not a plain file name"),
+        ({"base_model": "missing.safetensors"}, "base_model"),
+    ],
+)
+def test_bad_widget_values_are_refused_before_running(comfy, base_prompt, change, message):
+    before = _loras(comfy)
+    prompt = _prompt(base_prompt, "refused", **change)
+    try:  # other output nodes of the graph are valid, so ComfyUI may accept it and run only those
+        errors = comfy.post("/prompt", {"prompt": prompt, "client_id": comfy.client_id})["node_errors"]
+    except urllib.error.HTTPError as err:
+        errors = json.loads(err.read())["node_errors"]
+    assert message in json.dumps(errors.get("8", {}))
+    assert _loras(comfy) == before
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"base_model": "flux_like.safetensors"}, "Flux"),
+        ({"batch_size": 64}, "one step needs batch_size x grad_accum = 64"),
+        # fp16 base weights overflow within a few steps at this rate (fp32 ones saturate without NaN)
+        ({"learning_rate": 1.0, "steps": 20, "preset": "all_linear"}, "try a lower learning rate or max_grad_norm"),
+    ],
+)
+def test_bad_runs_fail_with_a_clear_message_and_write_no_lora(comfy, base_prompt, change, message):
+    import torch
+    from safetensors.torch import save_file
+
+    flux = comfy.base_dir / "models" / "checkpoints" / "flux_like.safetensors"
+    if not flux.exists():
+        save_file({"double_blocks.0.img_attn.qkv.weight": torch.zeros(2, 2)}, str(flux))
+    before = _loras(comfy)
+    prompt = _prompt(base_prompt, f"bad_{uuid.uuid4().hex[:6]}", **change)
+    prompt["7"]["inputs"].update(max_grad_norm=0.0, base_dtype="fp16")
+    entry = comfy.wait(comfy.queue(prompt), timeout=600)
+    error = execution_error(entry)
+    assert error is not None and message in error["exception_message"], error
+    assert _loras(comfy) == before
+
+
+def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(comfy, base_prompt):
+    name = f"cancel_{uuid.uuid4().hex[:6]}"
+    run_dir = comfy.base_dir / "output" / "sd35_tuner_runs" / name
+    before = _loras(comfy)
+    prompt = _prompt(base_prompt, name, steps=100_000)
+    prompt["7"]["inputs"].update(checkpoint_every=1, keep_checkpoints=2)
+    prompt_id = comfy.queue(prompt)
+    deadline = time.monotonic() + 300
+    while not list(run_dir.glob("checkpoint-*")):  # training has started and finished a step
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    comfy.interrupt()
+    entry = comfy.wait(prompt_id, timeout=300)
+    assert entry["status"]["status_str"] == "error"
+    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
+    assert _loras(comfy) == before  # nothing half-written in models/loras
+    kept = sorted(run_dir.glob("checkpoint-*"))
+    stopped_at = int(kept[-1].name.split("-")[1])
+    assert 1 <= len(kept) <= 2 and stopped_at >= 1
+
+    resumed = _prompt(base_prompt, name, steps=stopped_at + 2)
+    resumed["7"]["inputs"].update(checkpoint_every=1, keep_checkpoints=2, resume=True)
+    panel = comfy.run(resumed, timeout=600)["outputs"]["8"]
+    assert len(panel["losses"]) == stopped_at + 2  # the losses before the cancel came back from the checkpoint
+    assert panel["lora_name"] == [f"{name}.safetensors"]

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from tools import paths
+from training.config import TrainConfig
+from training.data import TensorSource
+from training.run import check_compatible, run_training
+
+SD35 = paths.MODELS / "checkpoints" / paths.SD35_CHECKPOINT
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _source(n: int = 3, text_dim: int = 4096, channels: int = 16) -> TensorSource:
+    g = torch.Generator().manual_seed(0)
+    prompts = [("a prompt", torch.randn(1, 8, text_dim, generator=g), torch.randn(1, 2048, generator=g))]
+    return TensorSource(
+        [torch.randn(channels, 8, 8, generator=g) for _ in range(n)],
+        [torch.randn(8, text_dim, generator=g) for _ in range(n)],
+        [torch.randn(2048, generator=g) for _ in range(n)],
+        prompts=prompts,
+        meta={"latent_channels": channels, "text_dim": text_dim, "pooled_dim": 2048},
+    )
+
+
+def test_a_run_inside_inference_mode_writes_the_lora_and_validation_images(tmp_path):
+    cfg = TrainConfig(
+        steps=3, batch_size=1, learning_rate=1e-3, rank=2, alpha=4, validation_steps=2, save_dtype="fp32"
+    )
+    decoded = []
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        decoded.append(latents.shape)
+        return torch.rand(latents.shape[0], 16, 16, 3)
+
+    with torch.inference_mode():  # how ComfyUI calls every node
+        out = run_training(SD35, _source(), cfg, tmp_path / "loras" / "x.safetensors", tmp_path / "run", decode=decode)
+    assert out.lora_path.is_file() and len(out.losses) == 3
+    assert decoded == [torch.Size([1, 16, 8, 8])] * 2  # CFG and APG, once at the end
+    assert sorted(p.name for p in (tmp_path / "run" / "validation").iterdir()) == [
+        "step000003_apg_00.png",
+        "step000003_cfg_00.png",
+    ]
+    assert not torch.equal(out.validation["cfg"], out.validation["apg"])
+    with safe_open(str(out.lora_path), "pt") as f:
+        meta = f.metadata()
+    assert meta["sd35_tuner.dataset_size"] == "3" and json.loads(meta["sd35_tuner.config"])["rank"] == 2
+
+
+@pytest.mark.parametrize(
+    ("meta", "message"),
+    [
+        ({"latent_channels": 4}, "latents of width 4 but the base model takes 16"),
+        ({"text_dim": 2048}, "text embeddings of width 2048"),
+    ],
+)
+def test_cache_of_another_family_is_refused(meta, message):
+    class Config:
+        in_channels, joint_attention_dim, pooled_projection_dim = 16, 4096, 2048
+
+    with pytest.raises(ValueError, match=message):
+        check_compatible(meta, Config)
+
+
+def test_mismatched_cache_fails_before_writing(tmp_path):
+    cfg = TrainConfig(steps=1, batch_size=1, learning_rate=1e-3, rank=2)
+    with pytest.raises(ValueError, match="another model family"):
+        run_training(SD35, _source(channels=4), cfg, tmp_path / "x.safetensors", tmp_path / "run")
+    assert not (tmp_path / "x.safetensors").exists()
