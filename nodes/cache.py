@@ -141,6 +141,23 @@ class SD35TunerCacheLatents(io.ComfyNode):
                     "step. Default off (doubles VAE time and latent disk space when on).",
                 ),
                 io.Int.Input(
+                    "caption_variants",
+                    default=0,
+                    min=0,
+                    max=16,
+                    tooltip="Token shuffle: also encode this many re-orderings of each caption's comma-separated "
+                    "parts; the trainer picks the caption or one variant at random each step. Default 0 = off "
+                    "(captions used as written).",
+                ),
+                io.Int.Input(
+                    "keep_first_parts",
+                    default=1,
+                    min=0,
+                    max=32,
+                    tooltip="With caption_variants: how many leading comma-separated parts (e.g. the trigger word) "
+                    "never move. Default 1; 0 shuffles every part. Ignored when caption_variants is 0.",
+                ),
+                io.Int.Input(
                     "tile_above",
                     default=0,
                     min=0,
@@ -182,7 +199,18 @@ class SD35TunerCacheLatents(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, dataset, vae, clip, cache_name, location, validation_prompts, random_flip, tile_above, batch_size
+        cls,
+        dataset,
+        vae,
+        clip,
+        cache_name,
+        location,
+        validation_prompts,
+        random_flip,
+        caption_variants,
+        keep_first_parts,
+        tile_above,
+        batch_size,
     ) -> io.NodeOutput:
         from ..dataset.images import render_item
         from ..training.cache import CacheReader, build_cache
@@ -199,6 +227,8 @@ class SD35TunerCacheLatents(io.ComfyNode):
                 flip=random_flip,
                 batch_size=batch_size,
                 validation_prompts=validation_prompts.splitlines(),
+                shuffle_variants=caption_variants,
+                keep_first=keep_first_parts,
                 render=render_item,
                 progress=lambda done, total: bar.update_absolute(done, max(total, 1)),  # also where Cancel lands
             )
