@@ -343,3 +343,25 @@ def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, 
         torch.testing.assert_close(pooled, refs[caption]["pooled"].float(), rtol=0, atol=1e-5)
     for i in range(len(resumed.items)):
         assert torch.isfinite(resumed.raw_latent(i)).all()
+
+
+def test_cancel_mid_run_keeps_whole_shards_and_the_rerun_completes(comfy):
+    """POST /interrupt (the UI's Cancel) once the first latent shard exists: noticed at the next progress update."""
+    specs = {"coffee": (SIZES["coffee"], "a cancelled cup")}
+    specs.update({f"astronaut_{i}": ((128 + 8 * i, 128), f"astronaut {i}") for i in range(4)})
+    write_images(comfy.base_dir / "input" / "sd35cache_cancel", specs)
+    cache = comfy.base_dir / "output" / "sd35cache" / "cancelled"
+    prompt_id = comfy.queue(graph(comfy, "sd35cache_cancel", "sd35cache/cancelled", batch_size=1, validation=""))
+    deadline = time.monotonic() + 300
+    while not list((cache / "latents").rglob("*.safetensors")):
+        assert time.monotonic() < deadline, "the first latent shard never appeared"
+        time.sleep(0.05)
+    comfy.interrupt()
+    entry = comfy.wait(prompt_id)
+    assert "execution_interrupted" in [kind for kind, _ in entry["status"]["messages"]]
+    with pytest.raises(ValueError, match="incomplete"):
+        CacheReader(cache)
+    entry = comfy.run(graph(comfy, "sd35cache_cancel", "sd35cache/cancelled", batch_size=1, validation=""))
+    latents = counts(summary(entry))["latents"]
+    assert latents[1] >= 1 and sum(latents) == 5 and counts(summary(entry))["texts"] == (0, 6), summary(entry)
+    CacheReader(cache).verify(deep=True)
