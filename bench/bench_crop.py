@@ -94,11 +94,15 @@ def main() -> None:
         decide = (time.perf_counter() - start) / (args.repeats * len(dataset))
         reasons = [i.crop_reason for i in cropped.items]
         start = time.perf_counter()
+        crop_dataset(dataset, SD35_BUCKETS_1024, CropSettings(mode="saliency", max_upscale=0))
+        saliency_only = (time.perf_counter() - start) / len(dataset)
+        start = time.perf_counter()
         rendered = [render_item(item) for item in cropped.items]
         render = (time.perf_counter() - start) / len(rendered)
         print(f"images: {len(dataset)} at 1024 px long side; reasons: {', '.join(reasons)}")
         print(
-            f"crop decisions: {1 / decide:.2f}/s ({decide * 1000:.0f} ms each); render to bucket {render * 1000:.0f} ms each"
+            f"crop decisions: {1 / decide:.2f}/s ({decide * 1000:.0f} ms each; saliency-only mode "
+            f"{saliency_only * 1000:.0f} ms); render to bucket {render * 1000:.0f} ms each"
         )
 
         vae = load_vae()
