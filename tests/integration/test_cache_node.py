@@ -269,6 +269,15 @@ def test_four_channel_vae_is_refused_with_a_clear_message(comfy, dataset_folder,
     assert "ValueError: The connected VAE produces 4-channel latents, but SD3/SD3.5 needs a 16-channel VAE" in message
 
 
+def test_unbucketed_dataset_is_refused_with_a_clear_message(comfy, dataset_folder):
+    prompt = graph(comfy, dataset_folder, "sd35cache/unbucketed")
+    prompt["cache"]["inputs"]["dataset"] = ["load", 0]
+    message = error_of(comfy, prompt)
+    assert re.search(
+        r"ValueError: \S+astronaut.png: item has no bucket; pass the dataset through 'Smart Crop", message
+    )
+
+
 def test_cache_name_outside_the_output_folder_is_refused(comfy, dataset_folder):
     with pytest.raises(ComfyError, match=r"cache_name '\.\./escape' must be a relative folder inside"):
         comfy.run(graph(comfy, dataset_folder, "../escape"))

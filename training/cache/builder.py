@@ -127,7 +127,10 @@ def _check_dataset(dataset: Dataset, latent: LatentEncoder) -> None:
         )
     for item in dataset.items:
         if item.bucket is None:
-            raise ValueError(f"{item.source}: item has no bucket; run the dataset's crop/bucket node before caching")
+            raise ValueError(
+                f"{item.source}: item has no bucket; pass the dataset through 'Smart Crop to Buckets' first "
+                "(its mode 'none' keeps the whole image)"
+            )
         w, h = item.bucket
         if w <= 0 or h <= 0 or w % BUCKET_MULTIPLE or h % BUCKET_MULTIPLE:
             raise ValueError(
