@@ -131,9 +131,30 @@ def apply_apg(
 
     ``cond``/``uncond`` are the denoised (x0) predictions ``[B, ...]``; the result has ``cond``'s dtype.
     With ``eta=1, norm_threshold=0`` and no momentum it equals CFG at ``scale``.
+
+    Same result as ``cond + (scale − 1)·apg_update(...)``, computed with per-sample scalars so the float64
+    work is a few passes over the latent: with the clamp factor f and Δ∥ = k·D_cond,
+    ``k = f·⟨Δ, D_cond⟩ / ‖D_cond‖²``, the result is ``(1 − (w − 1)(1 − η)·k)·D_cond + (w − 1)·f·Δ``.
     """
-    update = apg_update(cond, uncond, eta=eta, norm_threshold=norm_threshold, state=state)
-    return (cond.double() + (scale - 1.0) * update).to(cond.dtype)
+    if cond.shape != uncond.shape:
+        raise ValueError(f"APG needs cond and uncond of one shape, got {tuple(cond.shape)} and {tuple(uncond.shape)}")
+    if norm_threshold < 0 or not math.isfinite(norm_threshold):
+        raise ValueError(f"APG norm_threshold must be a finite number >= 0 (0 disables), got {norm_threshold}")
+    delta = cond - uncond
+    if state is not None:
+        delta = state.update(delta)
+    batch = cond.shape[0]
+    c = cond.double().reshape(batch, -1)
+    d = delta.double().reshape(batch, -1)
+    tiny = torch.finfo(torch.float64).tiny
+    if norm_threshold > 0:
+        f = (norm_threshold / torch.linalg.vector_norm(d, dim=1).clamp_min(tiny)).clamp_max(1.0)
+    else:
+        f = torch.ones(batch, dtype=torch.float64, device=c.device)
+    k = f * torch.einsum("bi,bi->b", d, c) / torch.einsum("bi,bi->b", c, c).clamp_min(tiny)
+    a = 1.0 - (scale - 1.0) * (1.0 - eta) * k
+    out = torch.addcmul(a[:, None] * c, ((scale - 1.0) * f)[:, None], d)
+    return out.reshape(cond.shape).to(cond.dtype)
 
 
 def cfg(cond: Tensor, uncond: Tensor, scale: float) -> Tensor:

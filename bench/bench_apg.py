@@ -1,0 +1,114 @@
+"""APG's sampling overhead over plain CFG: the same run, same process, same model, interleaved.
+
+Loads the built-in tiny SD3 checkpoint with ComfyUI's own loader, then times ``comfy.sample.sample`` with
+the plain model and with the model patched by the pack's APG node (paper settings: eta 0, r 15 scaled,
+momentum -0.5) in back-to-back pairs, alternating which goes first, so drift in machine load hits both alike.
+The last line is the median over pairs of the wall-time ratio APG / CFG (target <= 1.02).
+
+    python bench/bench_apg.py [--size 512] [--steps 4] [--repeats 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tools import paths  # noqa: E402
+
+
+def import_comfy() -> None:
+    sys.path.insert(0, str(paths.COMFYUI))
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    try:
+        import comfy.options
+
+        comfy.options.enable_args_parsing()
+        import comfy.cli_args  # noqa: F401  (parses --cpu before model management looks for CUDA)
+    finally:
+        sys.argv = argv
+
+
+def import_pack_node_module():
+    spec = importlib.util.spec_from_file_location(
+        "sd35_tuner", REPO / "__init__.py", submodule_search_locations=[str(REPO)]
+    )
+    package = importlib.util.module_from_spec(spec)
+    sys.modules["sd35_tuner"] = package
+    spec.loader.exec_module(package)
+    import importlib as il
+
+    return il.import_module("sd35_tuner.nodes.apg")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--cfg", type=float, default=6.0)
+    args = parser.parse_args()
+
+    import_comfy()
+    import comfy.sample
+    import comfy.sd
+    import torch
+
+    node_module = import_pack_node_module()
+    model, _, _, _ = comfy.sd.load_checkpoint_guess_config(
+        str(paths.MODELS / "checkpoints" / paths.SD3_CHECKPOINT), output_vae=False, output_clip=False
+    )
+    apg_model = node_module.patch_model(model, node_module.settings_from(0.0, 15.0, "scaled", -0.5, 0.0, 1.0, "steps"))
+
+    g = torch.Generator().manual_seed(0)
+
+    def cond(text_seed: int) -> list:
+        gen = torch.Generator().manual_seed(text_seed)
+        return [[torch.randn(1, 77, 4096, generator=gen), {"pooled_output": torch.randn(1, 2048, generator=gen)}]]
+
+    positive, negative = cond(1), cond(2)
+    latent = torch.zeros(1, 16, args.size // 8, args.size // 8)
+    noise = torch.randn(latent.shape, generator=g)
+
+    def run(m) -> tuple[float, float]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        comfy.sample.sample(
+            m, noise, args.steps, args.cfg, "euler", "sgm_uniform", positive, negative, latent,
+            denoise=1.0, disable_pbar=True, seed=0,
+        )  # fmt: skip
+        return time.perf_counter() - wall, time.process_time() - cpu
+
+    with torch.inference_mode():
+        run(model), run(apg_model)  # warm-up: weights loaded, kernels picked
+        pairs: list[tuple[tuple[float, float], tuple[float, float]]] = []
+        for i in range(args.repeats):
+            if i % 2 == 0:
+                cfg_t = run(model)
+                apg_t = run(apg_model)
+            else:
+                apg_t = run(apg_model)
+                cfg_t = run(model)
+            pairs.append((cfg_t, apg_t))
+
+    # each pair ran back to back, so a pair's ratio sees one machine load; the median drops noisy pairs
+    wall_ratio = statistics.median(a[0] / c[0] for c, a in pairs)
+    cpu_ratio = statistics.median(a[1] / c[1] for c, a in pairs)
+    cfg_ms = statistics.median(c[0] for c, _ in pairs) * 1000
+    apg_ms = statistics.median(a[0] for _, a in pairs) * 1000
+    print(
+        f"size {args.size}px, {args.steps} steps, cfg {args.cfg}, {args.repeats} interleaved pairs, "
+        f"torch threads {torch.get_num_threads()}"
+    )
+    print(f"CFG median {cfg_ms:.1f} ms per run, APG median {apg_ms:.1f} ms per run")
+    print(f"APG/CFG CPU-time ratio (median of pairs): {cpu_ratio:.3f}")
+    print(f"APG/CFG wall-time ratio (median of pairs): {wall_ratio:.3f}")
+
+
+if __name__ == "__main__":
+    main()
