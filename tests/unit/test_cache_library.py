@@ -537,3 +537,23 @@ def test_caption_variants_are_cached_and_picked_per_sample(tmp_path, photos):
     assert again.texts_encoded == 0
     off = build(ds, tmp_path / "cache", FakeVAE(), FakeCLIP())
     assert off.texts_encoded == 0 and off.stale_removed == 3
+
+
+def test_pixels_are_rendered_one_batch_at_a_time(tmp_path, photos):
+    """Never the whole dataset's pixels in memory: renders and encodes interleave, batch by batch."""
+    ds = make_dataset(tmp_path / "ds", photos)
+    events: list[str] = []
+    vae = FakeVAE()
+
+    def render(item: DatasetItem) -> Image.Image:
+        events.append("render")
+        return render_item(item)
+
+    def encode(pixels: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
+        events.append(f"encode{pixels.shape[0]}")
+        return vae.encode(pixels, bucket)
+
+    build_cache(
+        ds, tmp_path / "cache", LatentEncoder("vae-a", encode, 16), FakeCLIP().encoder(), render=render, batch_size=1
+    )
+    assert events == ["render", "encode1"] * 4
