@@ -169,3 +169,15 @@ def test_zero_cond_has_no_parallel_part():
 def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError, match="one shape"):
         apply_apg(torch.zeros(1, 4, 2, 2), torch.zeros(1, 4, 2, 3), 3.0)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.3, 1.0, 2.0])
+@pytest.mark.parametrize("r", [0.0, 2.0, 1e5])
+@pytest.mark.parametrize("beta", [0.0, -0.5])
+def test_apply_apg_is_cond_plus_scaled_update(eta, r, beta):
+    states = MomentumState(beta), MomentumState(beta)
+    for step in range(3):
+        cond, uncond = pair((2, 16, 6, 5), 20 + step)
+        expected = cond.double() + 5.0 * apg_update(cond, uncond, eta=eta, norm_threshold=r, state=states[0])
+        got = apply_apg(cond, uncond, 6.0, eta=eta, norm_threshold=r, state=states[1])
+        assert torch.allclose(got, expected.float(), rtol=0, atol=1e-5)
