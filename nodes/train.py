@@ -363,12 +363,12 @@ class SD35TunerTrainLora(io.ComfyNode):
             name = output.lora_path.relative_to(loras.resolve()).as_posix()
             patched = _apply(model, output.lora_path) if model is not None else None
             chart = torch.from_numpy(loss_chart(output.losses)).float()[None] / 255
-            grid = _grid(output.validation, vae)
+            grid = _grid(output.decoded)
             logger.info("trained %s: %d parameters, final loss %.4f", name, output.trainable, output.losses[-1])
         finally:
             release(output)
             comfy.model_management.soft_empty_cache()
-        shown = grid if output.validation and vae is not None else chart
+        shown = grid if output.decoded else chart
         panel = {**ui.PreviewImage(shown, cls=cls).as_dict(), "lora_name": [name], "losses": output.losses}
         return io.NodeOutput(name, patched, chart, json.dumps(output.losses), grid, ui=panel)
 
@@ -416,11 +416,11 @@ def _apply(model, lora_path: Path):
     return patched
 
 
-def _grid(validation: dict[str, torch.Tensor], vae) -> torch.Tensor:
-    if vae is None or not validation:
+def _grid(decoded: dict[str, torch.Tensor]) -> torch.Tensor:
+    """CFG samples in the top row, APG below; a blank 64 px image when there are none."""
+    if not decoded:
         return torch.zeros(1, 64, 64, 3)
-    rows = [vae.decode(vae_latents(validation[g])).float().cpu() for g in ("cfg", "apg")]
-    return torch.cat([torch.cat(list(row), dim=1) for row in rows], dim=0)[None]
+    return torch.cat([torch.cat(list(decoded[g]), dim=1) for g in ("cfg", "apg")], dim=0)[None]
 
 
 NODES = [SD35TunerTrainSettings, SD35TunerTrainLora]

@@ -38,7 +38,8 @@ class RunOutput:
     trainable: int
     transformer: Any
     validation_images: list[Path] = field(default_factory=list)
-    validation: dict[str, torch.Tensor] = field(default_factory=dict)
+    validation: dict[str, torch.Tensor] = field(default_factory=dict)  # latest latents per guidance
+    decoded: dict[str, torch.Tensor] = field(default_factory=dict)  # the same, decoded [N,H,W,3]
 
 
 def check_compatible(meta: dict[str, Any], config: Any) -> None:
@@ -136,18 +137,18 @@ def _run(
     shape = tuple(first.latents.shape[1:])
     written: list[Path] = []
     latest: dict[str, torch.Tensor] = {}
+    decoded: dict[str, torch.Tensor] = {}
 
     def validate(step: int) -> list[Path]:
-        nonlocal latest
+        nonlocal latest, decoded
         if not prompts:
             return []
         latest = sample_prompts(transformer, prompts, source.empty_text(), shape, sample_settings(cfg))
         if decode is None:
             return []
+        decoded = {g: decode(lat) for g, lat in latest.items()}
         files = [
-            p
-            for g, lat in latest.items()
-            for p in save_pngs(decode(lat), work_dir / "validation", f"step{step:06d}_{g}")
+            p for g, img in decoded.items() for p in save_pngs(img, work_dir / "validation", f"step{step:06d}_{g}")
         ]
         written.extend(files)
         return files
@@ -175,7 +176,7 @@ def _run(
         **(info or {}),
     }
     path = export_lora(transformer, spec, lora_path, meta, dtype=cfg.save_dtype)
-    return RunOutput(path, result.losses, spec, trainable, transformer, written, latest)
+    return RunOutput(path, result.losses, spec, trainable, transformer, written, latest, decoded)
 
 
 def release(output: RunOutput | None) -> None:
