@@ -557,3 +557,22 @@ def test_pixels_are_rendered_one_batch_at_a_time(tmp_path, photos):
         ds, tmp_path / "cache", LatentEncoder("vae-a", encode, 16), FakeCLIP().encoder(), render=render, batch_size=1
     )
     assert events == ["render", "encode1"] * 4
+
+
+def test_non_finite_encodings_are_refused_and_not_cached(tmp_path, photos):
+    ds = make_dataset(tmp_path / "ds", photos)
+
+    def nan_text(text: str) -> TextEncoding:
+        return TextEncoding(torch.full((1, 154, 4096), float("nan")), torch.zeros(1, 2048))
+
+    with pytest.raises(ValueError, match="produced NaN or infinite values for the caption 'a photo of astronaut'"):
+        build_cache(ds, tmp_path / "cache", FakeVAE().encoder(), TextEncoder("bad", nan_text), render=render_item)
+
+    def inf_latents(pixels: torch.Tensor, bucket: tuple[int, int]) -> torch.Tensor:
+        return FakeVAE().encode(pixels, bucket) / 0.0
+
+    with pytest.raises(ValueError, match=r"rocket.png: .* produced NaN or infinite latents"):
+        build_cache(
+            ds, tmp_path / "cache", LatentEncoder("inf", inf_latents, 16), FakeCLIP().encoder(), render=render_item
+        )
+    assert not json.loads((tmp_path / "cache" / "index.json").read_text())["latents"]

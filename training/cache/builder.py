@@ -413,6 +413,12 @@ def build_cache(
                     f"text encoder gives cond [1, L, {TEXT_DIM}] and pooled [1, {POOLED_DIM}]. Load SD3 text encoders "
                     "(TripleCLIPLoader, or CLIPLoader / DualCLIPLoader with type sd3)."
                 )
+            if not (torch.isfinite(cond).all() and torch.isfinite(pooled).all()):
+                raise ValueError(
+                    f"{text_encoder.name} produced NaN or infinite values for the caption {caption[:60]!r}: its "
+                    "weights are broken or incomplete (e.g. a TripleCLIPLoader slot holding the wrong model). "
+                    "Check the text encoder files."
+                )
             if text_len is not None and cond.shape[1] != text_len:
                 raise ValueError(
                     f"text encoder gave cond length {cond.shape[1]} after {text_len} for {caption[:60]!r}"
@@ -447,7 +453,12 @@ def build_cache(
                         f"{latent_encoder.name} returned latents {tuple(latents.shape)} for a {bucket[0]}x{bucket[1]} "
                         f"batch; expected {expect}. Use an SD3/SD3.5 VAE."
                     )
-                for (key, _, _), lat in zip(chunk, latents, strict=True):
+                for (key, item, _), lat in zip(chunk, latents, strict=True):
+                    if not torch.isfinite(lat).all():
+                        raise ValueError(
+                            f"{item.source}: {latent_encoder.name} produced NaN or infinite latents. An fp16 VAE "
+                            "can overflow: load the VAE in fp32/bf16, or check the VAE file."
+                        )
                     pending[key] = _narrow(lat)
                     pending_bytes += lat.numel() * 4
                 done += len(chunk)
