@@ -576,3 +576,17 @@ def test_non_finite_encodings_are_refused_and_not_cached(tmp_path, photos):
             ds, tmp_path / "cache", LatentEncoder("inf", inf_latents, 16), FakeCLIP().encoder(), render=render_item
         )
     assert not json.loads((tmp_path / "cache" / "index.json").read_text())["latents"]
+
+
+def test_deleted_shard_is_reported_and_reencoded(tmp_path, photos):
+    ds = make_dataset(tmp_path / "ds", photos)
+    build(ds, tmp_path / "cache", FakeVAE(), FakeCLIP())
+    shard = next((tmp_path / "cache" / "texts").rglob("*.safetensors"))
+    shard.unlink()
+    with pytest.raises(ValueError, match="cache shard is missing"):
+        CacheReader(tmp_path / "cache")
+    clip = FakeCLIP()
+    report = build(ds, tmp_path / "cache", FakeVAE(), clip)
+    assert report.texts_encoded == 5 and report.latents_encoded == 0
+    assert f"{shard.name} (is missing)" in report.summary()
+    CacheReader(tmp_path / "cache").verify(ds, deep=True)
