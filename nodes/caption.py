@@ -94,8 +94,8 @@ class Caption(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, captioner: str, **_: object) -> bool | str:
-        if captioner == KEEP:
+    def validate_inputs(cls, captioner: str | None = None, **_: object) -> bool | str:
+        if captioner is None or captioner == KEEP:
             return True
         try:
             find_captioner(captioner, captioner_folders())

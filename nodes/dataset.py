@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import comfy.utils
@@ -59,7 +60,7 @@ def folder_fingerprint(root: Path) -> str:
     return digest.hexdigest()
 
 
-def progress_callback(total: int):
+def progress_callback(total: int) -> Callable[[int, int], None]:
     bar = comfy.utils.ProgressBar(total)
     return lambda done, _total: bar.update_absolute(done, total)  # the hook also raises on Cancel
 
@@ -123,7 +124,9 @@ class LoadDataset(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder: str, **_: object) -> bool | str:
+    def validate_inputs(cls, folder: str | None = None, **_: object) -> bool | str:
+        if folder is None:  # linked from another node: checked when it runs
+            return True
         try:
             path = resolve_dataset_folder(folder)
         except ValueError as err:
@@ -344,7 +347,9 @@ class SaveDataset(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder: str, **_: object) -> bool | str:
+    def validate_inputs(cls, folder: str | None = None, **_: object) -> bool | str:
+        if folder is None:  # linked from another node: checked when it runs
+            return True
         try:
             resolve_inside(folder_paths.get_output_directory(), folder, "save folder")
         except ValueError as err:
