@@ -4,7 +4,8 @@ A captioner is a folder in transformers' native format (``config.json``, weights
 files), e.g. BLIP, LLaVA-style JoyCaption, Qwen2.5-VL or the native Florence-2 port, loaded
 with ``AutoModelForImageTextToText`` from local files only: nothing is downloaded, and the
 folder's own Python code never runs unless the caller passes ``trust_remote_code=True``.
-Models with a chat template are prompted through it; others (BLIP) caption unconditionally.
+Models with a chat template are prompted through it, Florence-2 with a task token
+(``<DETAILED_CAPTION>`` unless the prompt names another), others (BLIP) caption unconditionally.
 The model is freed when ``caption_images`` returns or raises (including a cancel raised by
 the progress callback), so a captioner never stays resident next to the diffusion model.
 """
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 DEFAULT_PROMPT = "Describe this image in one detailed sentence."
+FLORENCE_TASK = "<DETAILED_CAPTION>"  # used unless the prompt is itself a Florence-2 task token
 
 
 def list_captioners(folders: Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -113,10 +115,14 @@ class Captioner:
     def __call__(self, images: list[Image.Image], prompt: str = DEFAULT_PROMPT, max_new_tokens: int = 60) -> list[str]:
         import torch
 
+        tasks = getattr(self.processor, "task_prompts_without_inputs", None)
         if self.chat:
             messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
             text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
             inputs = self.processor(images=images, text=[text] * len(images), return_tensors="pt", padding=True)
+        elif isinstance(tasks, dict):  # Florence-2 is prompted with a task token, not free text
+            task = prompt.strip() if prompt.strip() in tasks else FLORENCE_TASK
+            inputs = self.processor(images=images, text=[task] * len(images), return_tensors="pt")
         else:
             inputs = self.processor(images=images, return_tensors="pt")
         inputs = inputs.to(self.device)

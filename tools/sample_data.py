@@ -217,14 +217,79 @@ def _tiny_llava(dest: Path) -> None:
     processor.save_pretrained(dest)
 
 
+def _tiny_florence2(dest: Path) -> None:
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import (
+        CLIPImageProcessor,
+        Florence2Config,
+        Florence2ForConditionalGeneration,
+        Florence2Processor,
+        PreTrainedTokenizerFast,
+    )
+
+    tokens = list(dict.fromkeys(["<unk>", "<pad>", "<s>", "</s>", "<image>", *_WORDS]))
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        unk_token="<unk>",
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        extra_special_tokens={"image_token": "<image>"},
+    )
+    config = Florence2Config(
+        vision_config={
+            "depths": (1, 1),
+            "patch_size": (7, 3),
+            "patch_stride": (4, 2),
+            "patch_padding": (3, 1),
+            "patch_prenorm": (False, True),
+            "embed_dim": (16, 32),
+            "num_heads": (1, 2),
+            "num_groups": (1, 2),
+            "window_size": 2,
+            "projection_dim": 32,
+            "drop_path_rate": 0.0,
+        },
+        text_config={
+            "model_type": "bart",
+            "vocab_size": len(tokens),
+            "d_model": 32,
+            "encoder_layers": 1,
+            "decoder_layers": 1,
+            "encoder_attention_heads": 2,
+            "decoder_attention_heads": 2,
+            "encoder_ffn_dim": 64,
+            "decoder_ffn_dim": 64,
+            "max_position_embeddings": 128,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "decoder_start_token_id": tokenizer.eos_token_id,
+        },
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+    )
+    torch.manual_seed(0)
+    model = Florence2ForConditionalGeneration(config)
+    model.generation_config.min_new_tokens = 3  # a random decoder tends to stop at once; real models do not
+    model.save_pretrained(dest)
+    image_processor = CLIPImageProcessor(size={"height": 32, "width": 32}, do_center_crop=False)
+    image_processor.image_seq_length = 17  # (32 / 4 / 2)^2 patches + 1 pooled token
+    Florence2Processor(image_processor, tokenizer).save_pretrained(dest)
+
+
 def write_tiny_captioners(dest: Path) -> dict[str, Path]:
-    """Save two randomly initialised vision-language captioners (BLIP and LLaVA families, a few
-    hundred kilobytes each) in transformers' native format under ``dest``; return {family: folder}.
+    """Save three randomly initialised vision-language captioners (BLIP, LLaVA and native
+    Florence-2 families, a few hundred kilobytes each) in transformers' native format under
+    ``dest``; return {family: folder}.
 
     Their captions are gibberish; they exercise the real loading, batching and generation code.
     """
     dest = Path(dest)
-    out = {"blip": dest / "tiny-blip", "llava": dest / "tiny-llava"}
+    out = {"blip": dest / "tiny-blip", "llava": dest / "tiny-llava", "florence2": dest / "tiny-florence2"}
     _tiny_blip(out["blip"])
     _tiny_llava(out["llava"])
+    _tiny_florence2(out["florence2"])
     return out

@@ -93,7 +93,7 @@ def test_bundled_workflow_runs_on_the_sample_folder(comfy, sample: Path) -> None
     assert not any(sample.rglob("*.jsonl"))  # nothing written next to the sources
 
 
-@pytest.mark.parametrize("name", ["tiny-blip", "tiny-llava"])
+@pytest.mark.parametrize("name", ["tiny-blip", "tiny-llava", "tiny-florence2"])
 def test_caption_node_generates_with_local_captioners(comfy, sample: Path, captioners, name: str) -> None:
     options = comfy.get("/object_info/SD35TunerCaption")["SD35TunerCaption"]["input"]["required"]["captioner"]
     assert name in options[0] if isinstance(options[0], list) else name in options[1]["options"]

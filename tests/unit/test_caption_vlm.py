@@ -41,7 +41,7 @@ def recording(monkeypatch: pytest.MonkeyPatch) -> type[Recording]:
 
 def test_captioners_folder_is_listed_and_missing_names_are_explained(captioners: dict[str, Path]) -> None:
     root = captioners["blip"].parent
-    assert list_captioners([root, root / "missing"]) == ["tiny-blip", "tiny-llava"]
+    assert list_captioners([root, root / "missing"]) == ["tiny-blip", "tiny-florence2", "tiny-llava"]
     assert find_captioner("tiny-llava", [root]) == captioners["llava"]
     with pytest.raises(
         ValueError, match=r"captioner 'joycaption' not found: no joycaption/config.json in .*captioners"
@@ -51,7 +51,7 @@ def test_captioners_folder_is_listed_and_missing_names_are_explained(captioners:
         find_captioner("../tiny-blip", [root])
 
 
-@pytest.mark.parametrize("family", ["blip", "llava"])
+@pytest.mark.parametrize("family", ["blip", "llava", "florence2"])
 def test_batched_captions_from_two_model_families_then_unloaded(
     captioners: dict[str, Path], photos: list[Image.Image], recording: type[Recording], family: str
 ) -> None:
