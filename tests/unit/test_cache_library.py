@@ -590,3 +590,17 @@ def test_deleted_shard_is_reported_and_reencoded(tmp_path, photos):
     assert report.texts_encoded == 5 and report.latents_encoded == 0
     assert f"{shard.name} (is missing)" in report.summary()
     CacheReader(tmp_path / "cache").verify(ds, deep=True)
+
+
+def test_duplicate_shards_from_an_interrupted_run_are_collected(tmp_path, photos):
+    ds = make_dataset(tmp_path / "ds", photos)
+    cache = tmp_path / "cache"
+    build(ds, cache, FakeVAE(), FakeCLIP())
+    index = json.loads((cache / "index.json").read_text())
+    text_shard = next(rel for rel, rec in index["shards"].items() if rec["kind"] == "text")
+    copy = cache / text_shard.replace(".safetensors", "-copy.safetensors")  # as if written twice by two runs
+    copy.write_bytes((cache / text_shard).read_bytes())
+    report = build(ds, cache, FakeVAE(), FakeCLIP())
+    assert report.texts_encoded == 0
+    assert len(list((cache / "texts").rglob("*.safetensors"))) == 1
+    CacheReader(cache).verify(ds, deep=True)

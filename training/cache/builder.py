@@ -229,8 +229,8 @@ class _Builder:
             entries, live = (self.latents, live_latents) if kind == "latent" else (self.texts, live_texts)
             keys = [k for k, r in entries.items() if r == rel]
             stale = [k for k in keys if k not in live]
-            if not stale:
-                continue
+            if keys and not stale:
+                continue  # else: stale entries, or only duplicates of entries held by other shards
             removed += len(stale)
             for k in stale:
                 del entries[k]
