@@ -60,9 +60,10 @@ def folder_fingerprint(root: Path) -> str:
     return digest.hexdigest()
 
 
-def progress_callback(total: int) -> Callable[[int, int], None]:
-    bar = comfy.utils.ProgressBar(total)
-    return lambda done, _total: bar.update_absolute(done, total)  # the hook also raises on Cancel
+def progress_callback(total: int = 1) -> Callable[[int, int], None]:
+    """ComfyUI progress for a library loop; its hook is also where Cancel is raised."""
+    bar = comfy.utils.ProgressBar(max(1, total))
+    return lambda done, new_total: bar.update_absolute(done, max(1, new_total))
 
 
 def report(dataset: Dataset, headline: str) -> str:
@@ -152,6 +153,7 @@ class LoadDataset(io.ComfyNode):
             caption_exts=CAPTION_EXT_CHOICES[caption_extension],
             strict=strict,
             background=BACKGROUNDS[background],
+            progress=progress_callback(),
         )
         text = report(dataset, f"{len(dataset)} image(s) from {root}")
         return io.NodeOutput(dataset, len(dataset), text, ui={"text": [text]})

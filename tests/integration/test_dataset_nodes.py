@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.error
 import uuid
 from pathlib import Path
@@ -14,7 +15,7 @@ from PIL import Image
 from dataset.buckets import scale_buckets
 from dataset.manifest import Dataset
 from tools.comfy_server import execution_error
-from tools.sample_data import SAMPLES, write_sample_folder, write_tiny_captioners
+from tools.sample_data import SAMPLES, photo, write_sample_folder, write_tiny_captioners
 from tools.workflow_api import ui_to_api
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "dataset_prep.json"
@@ -201,3 +202,24 @@ def test_any_image_batch_becomes_a_dataset(comfy) -> None:
         assert image.size == item.bucket
         r, g, b = image.convert("RGB").getpixel((10, 10))
         assert r > 240 and 110 < g < 150 and b < 20
+
+
+def test_cancel_stops_the_crop_and_nothing_is_saved(comfy) -> None:
+    big = Path(comfy.base_dir) / "input" / unique("many")
+    big.mkdir()
+    image = Image.fromarray(photo("astronaut"))
+    for i in range(80):
+        image.save(big / f"{i:03d}.png", compress_level=0)
+    folder = unique("cancelled")
+    prompt = workflow_prompt(comfy, folder)
+    node_of(prompt, "SD35TunerLoadDataset")["inputs"]["folder"] = big.name
+    prompt_id = comfy.queue(prompt)
+    deadline = time.monotonic() + 120
+    while not any(job[1] == prompt_id for job in comfy.get("/queue")["queue_running"]):
+        assert time.monotonic() < deadline, "the prompt never started"
+        time.sleep(0.05)
+    comfy.interrupt()
+    entry = comfy.wait(prompt_id, timeout=300)
+    kinds = [kind for kind, _ in entry["status"]["messages"]]
+    assert "execution_interrupted" in kinds and "execution_success" not in kinds
+    assert not (Path(comfy.base_dir) / "output" / folder).exists()
