@@ -477,6 +477,7 @@ def build_cache(
                 logger.warning("SD3.5 Tuner cache: could not save partial work", exc_info=True)
         raise
 
+    b.write_index(body)  # marked incomplete while shards are deleted or rewritten, in case of a kill
     report.stale_removed = b.collect_garbage(set(wanted_latents), set(wanted_texts))
     text_len = text_len or _stored_text_len(cache_dir, b, next(iter(wanted_texts)))
     for entry in items_index:
