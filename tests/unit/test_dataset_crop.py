@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from dataset.buckets import SD35_BUCKETS_1024, closest_bucket, parse_buckets, scale_buckets
@@ -195,6 +199,7 @@ def test_all_faces_are_kept_when_they_fit_else_the_largest() -> None:
     assert detail == "all 2 faces"
     for x, y, w, h in near:
         assert box.x <= x - 0.5 * w and x + 1.5 * w <= box.x + box.w
+        assert box.y <= y - 0.5 * h and y + 1.5 * h <= box.y + box.h
     far = [(50, 100, 60, 60), (800, 100, 100, 100)]
     box, detail = place_on_faces(1000, 400, (400, 400), far, headroom=0.5)
     assert detail == "largest face" and box.x <= 800 - 50 and 800 + 150 <= box.x + box.w
@@ -212,3 +217,30 @@ def test_an_injected_detector_drives_the_face_crop() -> None:
     image = Image.new("RGB", (1200, 400), (90, 90, 90))
     plan = plan_crop(image, image.size, ((512, 512),), CropSettings(max_upscale=0), lambda rgb: [(1000, 150, 80, 80)])
     assert plan.reason == "face" and plan.box.x + plan.box.w >= 1080 + 40
+
+
+@given(
+    width=st.integers(64, 6000),
+    height=st.integers(64, 6000),
+    bucket=st.sampled_from(SD35_BUCKETS_1024 + scale_buckets(512)),
+    face=st.tuples(st.floats(0, 1), st.floats(0, 1), st.floats(0.02, 0.5)),
+    headroom=st.floats(0, 2),
+)
+@settings(max_examples=300, deadline=None)
+def test_face_windows_fit_keep_the_aspect_and_hold_the_face(width, height, bucket, face, headroom) -> None:
+    from dataset.crop import place_on_faces
+
+    win = max_window(width, height, bucket)
+    assert win[0] <= width and win[1] <= height
+    if min(width // (bucket[0] // math.gcd(*bucket)), height // (bucket[1] // math.gcd(*bucket))) >= 1:
+        assert win[0] * bucket[1] == win[1] * bucket[0]
+    size = max(1, int(face[2] * min(width, height)))
+    fx, fy = int(face[0] * (width - size)), int(face[1] * (height - size))
+    placed = place_on_faces(width, height, win, [(fx, fy, size, size)], headroom)
+    if placed is None:
+        assert size > min(win)  # only a face bigger than the window cannot be placed
+        return
+    box, _ = placed
+    assert 0 <= box.x and box.x + box.w <= width and 0 <= box.y and box.y + box.h <= height
+    assert (box.w, box.h) == win
+    assert box.x <= fx and fx + size <= box.x + box.w and box.y <= fy and fy + size <= box.y + box.h
