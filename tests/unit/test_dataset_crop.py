@@ -244,3 +244,22 @@ def test_face_windows_fit_keep_the_aspect_and_hold_the_face(width, height, bucke
     assert 0 <= box.x and box.x + box.w <= width and 0 <= box.y and box.y + box.h <= height
     assert (box.w, box.h) == win
     assert box.x <= fx and fx + size <= box.x + box.w and box.y <= fy and fy + size <= box.y + box.h
+
+
+@given(
+    width=st.integers(32, 3000),
+    height=st.integers(32, 3000),
+    bucket=st.sampled_from(SD35_BUCKETS_1024),
+    seed=st.integers(0, 10_000),
+)
+@settings(max_examples=60, deadline=None)
+def test_saliency_windows_stay_inside_the_image(width, height, bucket, seed) -> None:
+    from dataset.crop import place_on_saliency
+
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (max(1, height // 16), max(1, width // 16), 3), dtype=np.uint8)
+    image = Image.fromarray(small).resize((width, height))
+    win = max_window(width, height, bucket)
+    box, _ = place_on_saliency(image, win)
+    assert (box.w, box.h) == win
+    assert 0 <= box.x and box.x + box.w <= width and 0 <= box.y and box.y + box.h <= height
