@@ -26,11 +26,9 @@ from typing import Any
 from torch import Tensor
 
 from .guidance import MomentumState, apply_apg, cfg
-from .schedule import GuidanceWindow, scaled_norm_threshold
+from .schedule import THRESHOLD_MODES, GuidanceWindow, scaled_norm_threshold
 
 logger = logging.getLogger(__name__)
-
-THRESHOLD_MODES = ("absolute", "scaled")
 
 
 @dataclass(frozen=True)
@@ -78,6 +76,15 @@ class APGPatch:
         self.settings = settings
         self.state = MomentumState(settings.momentum)
         self._warned_low_scale = False
+
+    def __copy__(self) -> APGPatch:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> APGPatch:
+        # ModelPatcher.clone() deep-copies model_options, and with it our bound cfg_function. A copy would
+        # hold its own momentum that the OUTER_SAMPLE wrapper (copied by reference) never resets, so every
+        # clone of a patched model (a LoRA loader, ModelSamplingSD3 after APG) must share this one patch.
+        return self
 
     def reset(self) -> None:
         self.state.reset()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "REFERENCE_ELEMENTS",
+    "THRESHOLD_MODES",
     "WINDOW_UNITS",
     "GuidanceWindow",
     "scaled_norm_threshold",
@@ -25,6 +26,7 @@ REFERENCE_ELEMENTS = 4 * 128 * 128
 """Latent elements per sample of SDXL at 1024², the setting the paper's r = 15 was tuned on."""
 
 WINDOW_UNITS = ("steps", "sigma")
+THRESHOLD_MODES = ("absolute", "scaled")
 
 
 def scaled_norm_threshold(norm_threshold: float, elements: int, reference_elements: int = REFERENCE_ELEMENTS) -> float:

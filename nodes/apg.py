@@ -1,6 +1,7 @@
 """Adaptive Projected Guidance nodes: a MODEL patch, a GUIDER, and a CFG-vs-APG comparison.
 
-Thin wrappers: the math is apg.guidance, the sampler hook apg.patch, the figures and picture apg.compare.
+Thin wrappers: the math is apg.guidance, the sampler hook apg.patch, the figures and picture apg.compare
+(the last two are imported when a node runs: ComfyUI times every pack's import at start).
 """
 
 from __future__ import annotations
@@ -11,9 +12,7 @@ from comfy_api.latest import io, ui
 
 import nodes as comfy_nodes
 
-from ..apg.compare import comparison_text, image_figures, side_by_side
-from ..apg.patch import THRESHOLD_MODES, APGPatch, APGSettings
-from ..apg.schedule import REFERENCE_ELEMENTS, WINDOW_UNITS, GuidanceWindow
+from ..apg.schedule import REFERENCE_ELEMENTS, THRESHOLD_MODES, WINDOW_UNITS, GuidanceWindow
 from ._types import CATEGORY
 
 CATEGORY_APG = f"{CATEGORY}/sampling"
@@ -97,7 +96,9 @@ def settings_from(
     window_start: float,
     window_end: float,
     window_unit: str,
-) -> APGSettings:
+):
+    from ..apg.patch import APGSettings
+
     return APGSettings(
         eta=eta,
         norm_threshold=norm_threshold,
@@ -117,8 +118,10 @@ def check_window(window_start: float | None, window_end: float | None) -> bool |
     return True
 
 
-def patch_model(model, settings: APGSettings):
-    """A clone of ``model`` whose CFG step is APG, with momentum scoped to each sampling run."""
+def patch_model(model, settings):
+    """A clone of ``model`` whose CFG step is APG (``settings``: apg.patch.APGSettings), momentum scoped to each run."""
+    from ..apg.patch import APGPatch
+
     patch = APGPatch(settings)
     patched = model.clone()
     patched.set_model_sampler_cfg_function(patch.cfg_function)
@@ -257,6 +260,8 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
     def execute(
         cls, model, positive, negative, latent_image, vae, seed, steps, cfg, sampler_name, scheduler, denoise, **kwargs
     ) -> io.NodeOutput:
+        from ..apg.compare import comparison_text, image_figures, side_by_side
+
         settings = settings_from(**kwargs)
         images = []
         for sampling_model in (model, patch_model(model, settings)):

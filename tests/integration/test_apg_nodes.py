@@ -244,16 +244,21 @@ def watch_progress(comfy, node: str, min_value: int, ready: threading.Event, hit
         ws.close()
 
 
+def cloned_after_apg(graph: dict) -> str:
+    """APG on the raw model, then ModelSamplingSD3: a node that clones the patched model (as LoRA loaders do)."""
+    graph["apg"] = apg_node(PAPER, model="ckpt")
+    graph["msd3_after"] = {"class_type": "ModelSamplingSD3", "inputs": {"model": ["apg", 0], "shift": 3.0}}
+    return "msd3_after"
+
+
 def test_cancelled_run_then_new_run_equals_fresh_run(comfy):
     fresh_graph = base_graph()
-    fresh_graph["apg"] = apg_node(PAPER)
-    fresh_graph["ks"] = ksampler("apg")
+    fresh_graph["ks"] = ksampler(cloned_after_apg(fresh_graph))
     fresh = run_image(comfy, finish(fresh_graph, "ks", unique("fresh")))
 
-    # same APG node and size, a long run: cancel it a few steps in, with its momentum mid-flight
+    # the same (cached) patched model and size, a long run: cancel it a few steps in, momentum mid-flight
     long_graph = base_graph()
-    long_graph["apg"] = apg_node(PAPER)
-    long_graph["long"] = ksampler("apg", steps=2000)
+    long_graph["long"] = ksampler(cloned_after_apg(long_graph), steps=2000)
     finish(long_graph, "long", unique("cancelled"))
     ready, hit = threading.Event(), threading.Event()
     watcher = threading.Thread(target=watch_progress, args=(comfy, "long", 3, ready, hit), daemon=True)

@@ -104,3 +104,13 @@ def test_bad_settings_name_the_field(field, kwargs):
 def test_label_carries_the_settings():
     label = APGSettings(window=GuidanceWindow(0.2, 0.8, "sigma")).label(7.0)
     assert label == "APG w=7 eta=0 r=15 (scaled) beta=-0.5 window 0.2-0.8 (sigma)"
+
+
+def test_model_option_copies_share_the_patch_so_the_run_reset_reaches_them():
+    import copy
+
+    patch = APGPatch(APGSettings())
+    options = {"sampler_cfg_function": patch.cfg_function, "transformer_options": {}}
+    cloned = copy.deepcopy(options)  # what ModelPatcher.clone() does to model_options
+    assert cloned["sampler_cfg_function"].__self__ is patch
+    assert copy.copy(patch) is patch
