@@ -7,8 +7,11 @@ in-memory source for tests, benchmarks and callers that already hold tensors.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -83,3 +86,47 @@ class TensorSource:
 
     def validation_prompts(self) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
         return self._prompts
+
+
+def save_tensor_source(path: str | os.PathLike, source: TensorSource) -> None:
+    """Write an in-memory source as one safetensors file (same-size latents only), for the CLI."""
+    from .export import atomic_save_file
+
+    tensors = {
+        "latents": torch.stack(source.latents),
+        "cond": torch.stack(source.cond),
+        "pooled": torch.stack(source.pooled),
+    }
+    empty_cond, empty_pooled = source.empty_text()
+    tensors.update(empty_cond=empty_cond, empty_pooled=empty_pooled)
+    for i, (_, cond, pooled) in enumerate(source.validation_prompts()):
+        tensors[f"prompt.{i}.cond"], tensors[f"prompt.{i}.pooled"] = cond, pooled
+    meta = {
+        "captions": json.dumps(source.captions),
+        "prompts": json.dumps([p for p, _, _ in source.validation_prompts()]),
+    }
+    atomic_save_file(tensors, path, {**meta, "meta": json.dumps(source.meta)})
+
+
+def load_tensor_source(path: str | os.PathLike) -> TensorSource:
+    """Read a file written by :func:`save_tensor_source`: tensors ``latents`` [N,C,h,w], ``cond`` [N,L,D],
+    ``pooled`` [N,P], optional ``empty_cond`` / ``empty_pooled`` and ``prompt.<i>.cond/pooled``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    with safe_open(str(path), "pt") as f:
+        keys, header = set(f.keys()), f.metadata() or {}
+        missing = {"latents", "cond", "pooled"} - keys
+        if missing:
+            raise ValueError(f"{path.name}: missing tensor(s) {sorted(missing)}; expected latents, cond and pooled")
+        t = {k: f.get_tensor(k) for k in keys}
+    prompts = json.loads(header.get("prompts", "[]"))
+    return TensorSource(
+        list(t["latents"]),
+        list(t["cond"]),
+        list(t["pooled"]),
+        captions=json.loads(header["captions"]) if "captions" in header else None,
+        empty=(t["empty_cond"], t["empty_pooled"]) if "empty_cond" in t else None,
+        prompts=[(p, t[f"prompt.{i}.cond"], t[f"prompt.{i}.pooled"]) for i, p in enumerate(prompts)],
+        meta=json.loads(header.get("meta", "{}")),
+    )

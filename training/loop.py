@@ -63,12 +63,15 @@ OnStep = Callable[[StepInfo], None]
 
 def check_source(source: TrainingSource, cfg: TrainConfig, world_size: int = 1) -> None:
     """Refuse a dataset that cannot fill one optimizer step (SimpleTuner's rule)."""
-    need = cfg.batch_size * cfg.grad_accum * world_size
+    need = cfg.batch_size * cfg.grad_accum
     if len(source) < need:
         raise DatasetTooSmallError(
-            f"the dataset has {len(source)} sample(s) but one step needs batch_size x grad_accum"
-            f"{' x processes' if world_size > 1 else ''} = {need}; add images, raise repeats "
-            "only after adding images, or lower batch_size / grad_accum"
+            f"the dataset has {len(source)} sample(s) but one step needs batch_size x grad_accum = {need}; "
+            "add images or lower batch_size / grad_accum"
+        )
+    if cfg.batch_size % world_size:
+        raise ValueError(
+            f"batch_size {cfg.batch_size} is the global batch and must divide evenly over {world_size} processes"
         )
 
 
@@ -112,13 +115,26 @@ def train(
     on_step: OnStep | None = None,
     resume: str | os.PathLike | bool | None = None,
     validate: Callable[[int], list[Path]] | None = None,
+    accelerator=None,
 ) -> TrainResult:
     """Train the LoRA already attached to ``transformer``; checkpoints go to ``work_dir``.
 
     ``resume``: a checkpoint folder, or True for the newest one in ``work_dir``.
     ``validate(step)``: called every ``cfg.validation_every`` steps; returns the image files written.
+    ``accelerator``: an ``accelerate.Accelerator`` for data-parallel runs. ``cfg.batch_size`` is the
+    global batch: every process draws the same batch, noise and σ and trains on its slice, and DDP
+    averages the gradients, so the result equals a one-process run (and resume works with any
+    process count). Only the main process writes checkpoints and validates.
     """
-    check_source(source, cfg)
+    world = accelerator.num_processes if accelerator is not None else 1
+    rank = accelerator.process_index if accelerator is not None else 0
+    main = rank == 0
+    check_source(source, cfg, world)
+    if world > 1 and cfg.quantization != "none":
+        raise ValueError(
+            "quantization with more than one process is not supported (PEFT LoRA on a quantised base fails under "
+            "DDP); train unquantised across processes, or quantised in one process"
+        )
     params = lora_parameters(transformer)
     if not params:
         raise ValueError("the transformer carries no LoRA; call model.add_lora first")
@@ -148,10 +164,16 @@ def train(
         if work_dir is None:
             return None
         state = TrainState(step, done[0], done[1], list(losses), done[2], done[3])
-        last_good = save_checkpoint(
-            work_dir, transformer, optimizer, scheduler, state, cfg.to_dict(), cfg.keep_checkpoints
-        )
+        if main:
+            last_good = save_checkpoint(
+                work_dir, transformer, optimizer, scheduler, state, cfg.to_dict(), cfg.keep_checkpoints
+            )
+        if accelerator is not None:
+            accelerator.wait_for_everyone()
         return last_good
+
+    model = accelerator.prepare_model(transformer) if world > 1 else transformer
+    part = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
 
     step = start
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
@@ -177,15 +199,17 @@ def train(
                         cfg.shift,
                     )
                     loss = flow_matching_loss(
-                        transformer,
-                        latents.to(device),
-                        cond.to(device),
-                        pooled.to(device),
-                        noise.to(device),
-                        sigmas.to(device),
+                        model,
+                        latents[part].to(device),
+                        cond[part].to(device),
+                        pooled[part].to(device),
+                        noise[part].to(device),
+                        sigmas[part].to(device),
                         cfg.loss_weighting,
                     )
                     (loss / cfg.grad_accum).backward()
+                    if world > 1:
+                        loss = accelerator.reduce(loss.detach(), "mean")
                     step_loss += loss.item() / cfg.grad_accum
                 grad_norm = grad_norm_and_clip(params, cfg.max_grad_norm)
                 if not (math.isfinite(step_loss) and math.isfinite(grad_norm)):
@@ -204,7 +228,7 @@ def train(
                 done = (epoch, skip, gen.get_state(), torch.get_rng_state())
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     checkpoint(step)
-                if validate is not None and cfg.validation_every and step % cfg.validation_every == 0:
+                if main and validate is not None and cfg.validation_every and step % cfg.validation_every == 0:
                     transformer.eval()
                     result.validations = validate(step)
                     transformer.train()

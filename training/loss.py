@@ -68,5 +68,5 @@ def flow_matching_loss(
 
 
 def base_dtype(transformer) -> torch.dtype:
-    """The dtype inputs must have to enter the (frozen) base model."""
-    return transformer.pos_embed.proj.weight.dtype
+    """The dtype inputs must have to enter the (frozen) base model (also through a DDP wrapper)."""
+    return getattr(transformer, "module", transformer).pos_embed.proj.weight.dtype

@@ -104,6 +104,7 @@ def run_training(
     info: dict[str, Any] | None = None,
     device: str | torch.device = "cpu",
     decode: Decode | None = None,
+    accelerator=None,
 ) -> RunOutput:
     """Train a LoRA on ``source`` and write it to ``lora_path``; checkpoints and samples go to ``work_dir``.
 
@@ -111,7 +112,7 @@ def run_training(
     inference tensors could not take part in the backward pass.
     """
     with torch.inference_mode(False), torch.enable_grad():
-        return _run(base_model, source, cfg, lora_path, work_dir, on_step, resume, info, device, decode)
+        return _run(base_model, source, cfg, lora_path, work_dir, on_step, resume, info, device, decode, accelerator)
 
 
 def _run(
@@ -125,8 +126,11 @@ def _run(
     info: dict[str, Any] | None,
     device: str | torch.device,
     decode: Decode | None,
+    accelerator,
 ) -> RunOutput:
-    check_source(source, cfg)
+    world = accelerator.num_processes if accelerator is not None else 1
+    main = accelerator is None or accelerator.is_main_process
+    check_source(source, cfg, world)
     transformer, spec = prepare_model(base_model, cfg, device)
     check_compatible(source.meta, transformer.config)
     trainable = count_trainable(transformer)
@@ -161,8 +165,9 @@ def _run(
         on_step=on_step,
         resume=resume,
         validate=validate if cfg.validation_every else None,
+        accelerator=accelerator,
     )
-    if prompts and (not cfg.validation_every or cfg.steps % cfg.validation_every):
+    if main and prompts and (not cfg.validation_every or cfg.steps % cfg.validation_every):
         validate(cfg.steps)
     meta = {
         "base_model": Path(base_model).name,
@@ -175,7 +180,11 @@ def _run(
         "final_loss": result.losses[-1] if result.losses else None,
         **(info or {}),
     }
-    path = export_lora(transformer, spec, lora_path, meta, dtype=cfg.save_dtype)
+    path = Path(lora_path)
+    if main:
+        export_lora(transformer, spec, path, meta, dtype=cfg.save_dtype)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
     return RunOutput(path, result.losses, spec, trainable, transformer, written, latest, decoded)
 
 
