@@ -24,7 +24,7 @@ def test_loss_chart_streams_a_real_run(comfy, tmp_path):
         )
         assert has_widget and ui.page.locator(MONITOR).count() == 1
 
-        prompt = ci_prompt(comfy, "train_monitor_photos", "monitor_lora")
+        prompt = ci_prompt(comfy, "monitor_lora")
         prompt[next(k for k, v in prompt.items() if v["class_type"] == NODE)]["inputs"]["steps"] = 6
         client_id = ui.page.evaluate("() => window.comfyAPI.api.api.clientId")
         prompt_id = comfy.post("/prompt", {"prompt": prompt, "client_id": client_id})["prompt_id"]

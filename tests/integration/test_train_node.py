@@ -11,11 +11,9 @@ import uuid
 import pytest
 from safetensors import safe_open
 
+from tests.integration.test_train_workflow import sample_photos
 from tools import paths
 from tools.comfy_server import execution_error
-from tools.sample_data import write_sample_folder
-
-FOLDER = "train_node_photos"
 
 
 def _node(info: dict, class_type: str, **values) -> dict:
@@ -34,13 +32,10 @@ def _node(info: dict, class_type: str, **values) -> dict:
 
 @pytest.fixture(scope="module")
 def base_prompt(comfy) -> dict:
-    folder = write_sample_folder(comfy.base_dir / "input" / FOLDER)
-    for photo in ("coffee.jpg", "rocket.jpg", "camera.png"):  # 2 photos (one repeated twice) keep encoding short
-        (folder / photo).unlink()
-        (folder / photo).with_suffix(".txt").unlink(missing_ok=True)
+    folder = sample_photos(comfy)
     info = comfy.object_info()
     return {
-        "1": _node(info, "SD35TunerLoadDataset", folder=FOLDER),
+        "1": _node(info, "SD35TunerLoadDataset", folder=folder),
         "2": _node(info, "SD35TunerSmartCrop", dataset=["1", 0], resolution=256),
         "3": {"class_type": "VAELoader", "inputs": {"vae_name": paths.SD3_VAE}},
         "4": {"class_type": "CLIPLoader", "inputs": {"clip_name": paths.CLIP_L, "type": "sd3"}},
@@ -50,7 +45,7 @@ def base_prompt(comfy) -> dict:
             dataset=["2", 0],
             vae=["3", 0],
             clip=["4", 0],
-            cache_name="sd35_cache/train_node",
+            cache_name=f"sd35_cache/{folder}",
             validation_prompts="a tabby cat",
         ),
         "6": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": paths.SD3_CHECKPOINT}},

@@ -14,12 +14,20 @@ from tools.workflow_api import set_inputs, ui_to_api
 WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "train_sd35_lora.json"
 
 
-def ci_prompt(comfy, folder: str, lora_name: str) -> dict:
+def sample_photos(comfy, folder: str = "train_workflow_photos") -> str:
+    """2 photos (one in a 2x repeats folder) under input/; tests that share the folder share its cache too."""
+    photos = comfy.base_dir / "input" / folder
+    if not photos.exists():
+        write_sample_folder(photos)
+        for photo in ("coffee.jpg", "rocket.jpg", "camera.png"):
+            (photos / photo).unlink()
+            (photos / photo).with_suffix(".txt").unlink(missing_ok=True)
+    return folder
+
+
+def ci_prompt(comfy, lora_name: str) -> dict:
     """The bundled workflow, shrunk for CPU: tiny models, 2 photos at 256 px, 2 training steps, 64 px sample."""
-    photos = write_sample_folder(comfy.base_dir / "input" / folder)
-    for photo in ("coffee.jpg", "rocket.jpg", "camera.png"):
-        (photos / photo).unlink()
-        (photos / photo).with_suffix(".txt").unlink(missing_ok=True)
+    folder = sample_photos(comfy)
     prompt = point_at_builtin_models(ui_to_api(json.loads(WORKFLOW.read_text()), comfy.object_info()), size=64)
     set_inputs(prompt, "SD35TunerLoadDataset", folder=folder)
     set_inputs(prompt, "SD35TunerSmartCrop", resolution=256)
@@ -32,7 +40,7 @@ def ci_prompt(comfy, folder: str, lora_name: str) -> dict:
 
 
 def test_train_workflow_runs_on_the_builtin_models(comfy):
-    prompt = ci_prompt(comfy, "train_workflow_photos", "workflow_lora")
+    prompt = ci_prompt(comfy, "workflow_lora")
     entry = comfy.run(prompt, timeout=900)
     train_id = next(k for k, v in prompt.items() if v["class_type"] == "SD35TunerTrainLora")
     assert entry["outputs"][train_id]["lora_name"] == ["workflow_lora.safetensors"]
