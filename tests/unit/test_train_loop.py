@@ -190,3 +190,14 @@ def test_runs_inside_inference_mode(base):
 def test_bad_settings_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(**{field: value})
+
+
+def test_quantised_base_across_processes_is_refused(base):
+    from types import SimpleNamespace
+
+    two_processes = SimpleNamespace(num_processes=2, process_index=0)  # refused before any collective call
+    cfg = TrainConfig(steps=1, batch_size=2, quantization="int8")
+    with pytest.raises(ValueError, match="quantization with more than one process is not supported"):
+        train(_with_lora(base), _source(2), cfg, accelerator=two_processes)
+    with pytest.raises(ValueError, match="must divide evenly over 2 processes"):
+        train(_with_lora(base), _source(4), TrainConfig(steps=1, batch_size=3), accelerator=two_processes)
