@@ -100,3 +100,16 @@ def test_export_dtype(base, tmp_path):
     model, spec = _trained(base, "attention", rank=2, alpha=2)
     tensors = load_file(str(export_lora(model, spec, tmp_path / "l.safetensors", dtype="bf16")))
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
+
+
+def test_output_path_is_confined_and_versioned(tmp_path):
+    from training.export import output_path
+
+    assert output_path(tmp_path, "style") == (tmp_path / "style.safetensors").resolve()
+    assert output_path(tmp_path, "people/style.safetensors") == (tmp_path / "people" / "style.safetensors").resolve()
+    (tmp_path / "style.safetensors").write_bytes(b"x")
+    (tmp_path / "style_2.safetensors").write_bytes(b"x")
+    assert output_path(tmp_path, "style").name == "style_3.safetensors"
+    for bad in ("../escape", "/etc/passwd", "", "a/../../b", "c:evil"):
+        with pytest.raises(ValueError, match="lora_name"):
+            output_path(tmp_path, bad)

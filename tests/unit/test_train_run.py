@@ -78,3 +78,15 @@ def test_mismatched_cache_fails_before_writing(tmp_path):
     with pytest.raises(ValueError, match="another model family"):
         run_training(SD35, _source(channels=4), cfg, tmp_path / "x.safetensors", tmp_path / "run")
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_loss_chart_draws_the_curve():
+    from training.report import loss_chart
+
+    chart = loss_chart([2.0 - 0.01 * i for i in range(100)], width=320, height=160)
+    assert chart.shape == (160, 320, 3) and chart.dtype.name == "uint8"
+    curve = (chart[..., 2] > 120) & (chart[..., 0] < 60)  # the dark-blue moving average
+    ys, xs = curve.nonzero()
+    assert xs.min() < 80 and xs.max() > 280  # spans the plot
+    assert ys[xs.argmin()] < ys[xs.argmax()]  # falling loss: left end higher on screen (smaller y)
+    assert loss_chart([]).shape == (256, 512, 3)
