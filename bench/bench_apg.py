@@ -1,11 +1,11 @@
 """APG's sampling overhead over plain CFG: the same run, same process, same model, interleaved.
 
 Loads the built-in tiny SD3 checkpoint with ComfyUI's own loader, then times ``comfy.sample.sample`` with
-the plain model and with the model patched by the pack's APG node (paper settings: eta 0, r 15 scaled,
+a plain clone of the model and with the clone patched by the pack's APG node (paper settings: eta 0, r 15 scaled,
 momentum -0.5) in back-to-back pairs, alternating which goes first, so drift in machine load hits both alike.
 The last line is the median over pairs of the wall-time ratio APG / CFG (target <= 1.02).
 
-    python bench/bench_apg.py [--size 512] [--steps 4] [--repeats 15]
+    python bench/bench_apg.py [--size 512] [--steps 4] [--repeats 15] [--threads 1]
 """
 
 from __future__ import annotations
@@ -53,6 +53,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--cfg", type=float, default=6.0)
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch threads; 1 keeps timings steady on a shared machine"
+    )
     args = parser.parse_args()
 
     import_comfy()
@@ -60,11 +63,26 @@ def main() -> None:
     import comfy.sd
     import torch
 
+    torch.set_num_threads(args.threads)
     node_module = import_pack_node_module()
     model, _, _, _ = comfy.sd.load_checkpoint_guess_config(
         str(paths.MODELS / "checkpoints" / paths.SD3_CHECKPOINT), output_vae=False, output_clip=False
     )
+    # both sides are clones of one loaded model, so switching between them costs the same either way
+    cfg_model = model.clone()
     apg_model = node_module.patch_model(model, node_module.settings_from(0.0, 15.0, "scaled", -0.5, 0.0, 1.0, "steps"))
+
+    # time spent inside APG's hook: on a shared machine this share is steadier than a wall-time difference
+    hook = apg_model.model_options["sampler_cfg_function"]
+    hook_seconds = [0.0]
+
+    def timed_hook(hook_args: dict):
+        start = time.perf_counter()
+        out = hook(hook_args)
+        hook_seconds[0] += time.perf_counter() - start
+        return out
+
+    apg_model.model_options["sampler_cfg_function"] = timed_hook
 
     g = torch.Generator().manual_seed(0)
 
@@ -85,15 +103,16 @@ def main() -> None:
         return time.perf_counter() - wall, time.process_time() - cpu
 
     with torch.inference_mode():
-        run(model), run(apg_model)  # warm-up: weights loaded, kernels picked
+        run(cfg_model), run(apg_model)  # warm-up: weights loaded, kernels picked
+        hook_seconds[0] = 0.0
         pairs: list[tuple[tuple[float, float], tuple[float, float]]] = []
         for i in range(args.repeats):
             if i % 2 == 0:
-                cfg_t = run(model)
+                cfg_t = run(cfg_model)
                 apg_t = run(apg_model)
             else:
                 apg_t = run(apg_model)
-                cfg_t = run(model)
+                cfg_t = run(cfg_model)
             pairs.append((cfg_t, apg_t))
 
     # each pair ran back to back, so a pair's ratio sees one machine load; the median drops noisy pairs
@@ -106,6 +125,12 @@ def main() -> None:
         f"torch threads {torch.get_num_threads()}"
     )
     print(f"CFG median {cfg_ms:.1f} ms per run, APG median {apg_ms:.1f} ms per run")
+    apg_total = sum(a[0] for _, a in pairs)
+    share = hook_seconds[0] / apg_total
+    print(
+        f"APG hook: {hook_seconds[0] / (args.repeats * args.steps) * 1000:.2f} ms per step, {share:.2%} of APG run time"
+    )
+    print(f"APG/CFG ratio implied by the hook's share: {1 / (1 - share):.3f}")
     print(f"APG/CFG CPU-time ratio (median of pairs): {cpu_ratio:.3f}")
     print(f"APG/CFG wall-time ratio (median of pairs): {wall_ratio:.3f}")
 
