@@ -8,7 +8,8 @@ which is ``x − D_cond``: the wrong vector. We use the denoised predictions, as
 Momentum belongs to one sampling run. :meth:`APGPatch.outer_sample_wrapper` is installed as ComfyUI's
 OUTER_SAMPLE wrapper (it encloses every ``CFGGuider.sample``, whichever sampler node started it) and resets
 the state before and after each run, also when the run is cancelled; :class:`MomentumState` additionally
-forgets itself on a shape, batch or dtype change.
+forgets itself on a shape, batch or dtype change. A run split over two KSamplerAdvanced nodes is two runs:
+momentum restarts at the second one.
 
 Documented no-ops: at w = 1 ComfyUI skips the unconditional pass, and we return the conditional prediction
 (what plain sampling does). At w < 1 APG is undefined (it would push toward the negative prompt through a
