@@ -60,11 +60,23 @@ def comparison_text(cfg: ImageFigures, apg: ImageFigures, cfg_label: str, apg_la
     return "\n".join(lines)
 
 
+def _split_long_word(word: str, width_px: int, font, draw) -> list[str]:
+    pieces, current = [], ""
+    for char in word:
+        if current and draw.textlength(current + char, font=font) > width_px:
+            pieces.append(current)
+            current = char
+        else:
+            current += char
+    return [*pieces, current]
+
+
 def _wrap(text: str, width_px: int, font, draw) -> list[str]:
     lines: list[str] = []
     for paragraph in text.split("\n"):
         current = ""
-        for word in paragraph.split(" "):
+        words = [p for w in paragraph.split(" ") for p in _split_long_word(w, width_px, font, draw)]
+        for word in words:
             candidate = f"{current} {word}".strip()
             if current and draw.textlength(candidate, font=font) > width_px:
                 lines.append(current)

@@ -57,3 +57,13 @@ def test_side_by_side_refuses_mismatched_halves():
         side_by_side(torch.zeros(1, 8, 8, 3), torch.zeros(1, 8, 16, 3), "a", "b")
     with pytest.raises(ValueError, match="IMAGE batch"):
         image_figures(torch.zeros(8, 8, 3))
+
+
+def test_long_labels_wrap_inside_the_band_instead_of_running_off():
+    from apg.compare import _label_band
+
+    narrow = _label_band("CFG w=7 (euler_ancestral/sgm_uniform, 4 steps, seed 42)", 64, 10).float()
+    # no glyph touches the right edge: text that did not fit would be cut there
+    assert narrow[:, -2:].max() <= 24 + 1
+    wide = _label_band("CFG w=7 (euler_ancestral/sgm_uniform, 4 steps, seed 42)", 640, 10)
+    assert narrow.shape[0] > wide.shape[0]  # more lines when narrow
