@@ -106,6 +106,15 @@ class SD35TunerTrainSettings(io.ComfyNode):
                     tooltip="Probability of training a sample with the empty caption. Default 0 = never.",
                 ),
                 io.Float.Input(
+                    "prior_loss_weight",
+                    default=1.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.05,
+                    tooltip="Weight of the class-image loss when the trainer's 'class_cache' is connected "
+                    "(DreamBooth prior preservation). Default 1.0; 0 ignores the class images.",
+                ),
+                io.Float.Input(
                     "lora_dropout", default=0.0, min=0.0, max=0.9, step=0.01, tooltip="LoRA dropout. Default 0 = off."
                 ),
                 io.Combo.Input(
@@ -263,6 +272,12 @@ class SD35TunerTrainLora(io.ComfyNode):
                 ),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed: same seed, same run."),
                 TrainSettings.Input("settings", optional=True, tooltip="Advanced settings (Training Settings node)."),
+                Cache.Input(
+                    "class_cache",
+                    optional=True,
+                    tooltip="A cache of class images (e.g. other people for a person LoRA) trained alongside, "
+                    "weighted by prior_loss_weight, so the class keeps its look (DreamBooth). Optional.",
+                ),
                 io.Vae.Input("vae", optional=True, tooltip="The SD3 VAE, to decode validation images. Optional."),
                 io.Model.Input(
                     "model",
@@ -315,6 +330,7 @@ class SD35TunerTrainLora(io.ComfyNode):
         quantization: str,
         seed: int,
         settings: dict | None = None,
+        class_cache=None,
         vae=None,
         model=None,
     ) -> io.NodeOutput:
@@ -327,7 +343,9 @@ class SD35TunerTrainLora(io.ComfyNode):
         resume = extra.pop("resume", False)
         if epochs:
             steps = max(1, epochs * len(cache) // (batch_size * extra.get("grad_accum", 1)))
+        base_dtype = "bf16" if comfy.model_management.should_use_bf16() else "fp32"
         cfg = TrainConfig(
+            **{"base_dtype": base_dtype, **extra},
             steps=steps,
             batch_size=batch_size,
             learning_rate=learning_rate,
@@ -336,12 +354,16 @@ class SD35TunerTrainLora(io.ComfyNode):
             preset=preset,
             quantization=quantization,
             seed=seed,
-            **{"base_dtype": "bf16" if comfy.model_management.should_use_bf16() else "fp32", **extra},
         )
         base = base_model_path(base_model)
         loras = Path(folder_paths.get_folder_paths("loras")[0])
-        stem = lora_name.strip().removesuffix(".safetensors")
-        work_dir = Path(folder_paths.get_output_directory()) / "sd35_tuner_runs" / stem
+        lora_path = output_path(loras, lora_name)  # confined to models/loras; a taken name gets _2, _3...
+        # checkpoints are keyed by the name asked for, so 'resume' finds them whatever version gets written
+        work_dir = (
+            Path(folder_paths.get_output_directory())
+            / "sd35_tuner_runs"
+            / lora_name.strip().removesuffix(".safetensors")
+        )
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
         workflow = (cls.hidden.extra_pnginfo or {}).get("workflow")
@@ -352,13 +374,14 @@ class SD35TunerTrainLora(io.ComfyNode):
                 base,
                 cache,
                 cfg,
-                output_path(loras, lora_name),
+                lora_path,
                 work_dir,
                 on_step=_progress(cfg.steps, cls.hidden.unique_id),
                 resume=resume and work_dir.is_dir(),
                 info=info,
                 device=comfy.model_management.get_torch_device(),
                 decode=_decoder(vae),
+                prior=class_cache,
             )
             name = output.lora_path.relative_to(loras.resolve()).as_posix()
             patched = _apply(model, output.lora_path) if model is not None else None

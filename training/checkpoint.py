@@ -33,6 +33,8 @@ class TrainState:
     losses: list[float]
     generator: torch.Tensor
     torch_rng: torch.Tensor
+    prior_epoch: int = 0
+    prior_batch_in_epoch: int = 0
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -95,6 +97,8 @@ def save_checkpoint(
             "step": state.step,
             "epoch": state.epoch,
             "batch_in_epoch": state.batch_in_epoch,
+            "prior_epoch": state.prior_epoch,
+            "prior_batch_in_epoch": state.prior_batch_in_epoch,
             "losses": state.losses,
             "scheduler": scheduler.state_dict(),
             "optimizer": opt_rest,
@@ -144,4 +148,6 @@ def load_checkpoint(path: str | os.PathLike, transformer, optimizer: torch.optim
         losses=list(info["losses"]),
         generator=tensors["rng.generator"],
         torch_rng=tensors["rng.torch"],
+        prior_epoch=info.get("prior_epoch", 0),
+        prior_batch_in_epoch=info.get("prior_batch_in_epoch", 0),
     )

@@ -12,6 +12,7 @@ The config file (JSON or TOML) names the inputs at the top level and the trainin
     output = "/models/loras/my_style.safetensors"
     work_dir = "/runs/my_style"               # checkpoints + validation images (default: next to output)
     resume = false                            # true: newest checkpoint in work_dir; or a checkpoint path
+    prior = { cache = "/data/sd35_cache/class_images" }   # optional DreamBooth class data (prior_loss_weight)
 
     [train]
     steps = 1000
@@ -32,7 +33,7 @@ from .config import TrainConfig, read_config_file
 
 logger = logging.getLogger("training")
 
-TOP_LEVEL = {"base_model", "cache", "tensors", "output", "work_dir", "resume", "train"}
+TOP_LEVEL = {"base_model", "cache", "tensors", "prior", "output", "work_dir", "resume", "train"}
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -107,6 +108,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         info={"trained_with": "python -m training"},
         device=device,
         accelerator=accelerator,
+        prior=load_source(spec["prior"], f"{args.config}: prior") if "prior" in spec else None,
     )
     if main:
         logger.info(

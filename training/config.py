@@ -50,6 +50,7 @@ class TrainConfig:
     shift: float = 3.0
     loss_weighting: str = "none"
     caption_dropout: float = 0.0
+    prior_loss_weight: float = 1.0  # DreamBooth class-data loss weight (only with a class dataset)
     repeats: int = 1
     seed: int = 0
     checkpoint_every: int = 0  # 0: only at the end and on cancel
@@ -89,6 +90,7 @@ class TrainConfig:
         need(self.shift > 0, "shift", "must be > 0 (1.0 disables the shift)")
         need(self.loss_weighting in LOSS_WEIGHTING, "loss_weighting", f"must be one of {LOSS_WEIGHTING}")
         need(0 <= self.caption_dropout <= 1, "caption_dropout", "must be in [0, 1]")
+        need(self.prior_loss_weight >= 0, "prior_loss_weight", "must be >= 0")
         need(self.repeats >= 1, "repeats", "must be >= 1")
         need(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)")
         need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")

@@ -116,6 +116,7 @@ def train(
     resume: str | os.PathLike | bool | None = None,
     validate: Callable[[int], list[Path]] | None = None,
     accelerator=None,
+    prior: TrainingSource | None = None,
 ) -> TrainResult:
     """Train the LoRA already attached to ``transformer``; checkpoints go to ``work_dir``.
 
@@ -125,6 +126,8 @@ def train(
     global batch: every process draws the same batch, noise and σ and trains on its slice, and DDP
     averages the gradients, so the result equals a one-process run (and resume works with any
     process count). Only the main process writes checkpoints and validates.
+    ``prior``: DreamBooth-style class (regularisation) data; each micro-batch adds
+    ``cfg.prior_loss_weight`` x the loss on a batch of it (no caption dropout there).
     """
     world = accelerator.num_processes if accelerator is not None else 1
     rank = accelerator.process_index if accelerator is not None else 0
@@ -144,26 +147,29 @@ def train(
     gen = torch.Generator().manual_seed(cfg.seed)
     torch_rng = torch.Generator().manual_seed(cfg.seed + 1).get_state()
     start, epoch, skip, losses = 0, 0, 0, []
+    prior_epoch, prior_skip = 0, 0
     if resume:
         path = latest_checkpoint(work_dir) if resume is True and work_dir is not None else resume
         if path is None or path is True:
             raise FileNotFoundError(f"resume: no checkpoint found in {work_dir}")
         state = load_checkpoint(path, transformer, optimizer, scheduler)
         start, epoch, skip, losses = state.step, state.epoch, state.batch_in_epoch, state.losses
+        prior_epoch, prior_skip = state.prior_epoch, state.prior_batch_in_epoch
         gen.set_state(state.generator)
         torch_rng = state.torch_rng
         logger.info("resumed from %s at step %d", path, start)
     empty = source.empty_text() if cfg.caption_dropout > 0 else None
     batches = _stream(source, cfg, epoch, skip)
+    prior_batches = _stream(prior, cfg, prior_epoch, prior_skip) if prior is not None else None
     result = TrainResult(losses=losses, step=start)
     last_good: Path | None = None
-    done = (epoch, skip, gen.get_state(), torch_rng)  # data position and RNG after the last finished step
+    done = (epoch, skip, gen.get_state(), torch_rng, prior_epoch, prior_skip)  # state after the last finished step
 
     def checkpoint(step: int) -> Path | None:
         nonlocal last_good
         if work_dir is None:
             return None
-        state = TrainState(step, done[0], done[1], list(losses), done[2], done[3])
+        state = TrainState(step, done[0], done[1], list(losses), done[2], done[3], done[4], done[5])
         if main:
             last_good = save_checkpoint(
                 work_dir, transformer, optimizer, scheduler, state, cfg.to_dict(), cfg.keep_checkpoints
@@ -174,6 +180,26 @@ def train(
 
     model = accelerator.prepare_model(transformer) if world > 1 else transformer
     part = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+
+    def batch_loss(batch: Batch, dropout: bool) -> torch.Tensor:
+        """Flow-matching loss on this process's slice of a global batch (noise and σ drawn for all of it)."""
+        cond, pooled = (
+            _drop_captions(batch, empty, cfg.caption_dropout, gen) if dropout else (batch.cond, batch.pooled)
+        )
+        latents = batch.latents.float()
+        noise = torch.randn(latents.shape, generator=gen)
+        sigmas = sample_sigmas(
+            latents.shape[0], gen, cfg.timestep_sampling, cfg.logit_mean, cfg.logit_std, cfg.mode_scale, cfg.shift
+        )
+        return flow_matching_loss(
+            model,
+            latents[part].to(device),
+            cond[part].to(device),
+            pooled[part].to(device),
+            noise[part].to(device),
+            sigmas[part].to(device),
+            cfg.loss_weighting,
+        )
 
     step = start
     with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
@@ -186,27 +212,10 @@ def train(
                 step_loss = 0.0
                 for _ in range(cfg.grad_accum):
                     batch, epoch, skip = next(batches)
-                    cond, pooled = _drop_captions(batch, empty, cfg.caption_dropout, gen)
-                    latents = batch.latents.float()
-                    noise = torch.randn(latents.shape, generator=gen)
-                    sigmas = sample_sigmas(
-                        latents.shape[0],
-                        gen,
-                        cfg.timestep_sampling,
-                        cfg.logit_mean,
-                        cfg.logit_std,
-                        cfg.mode_scale,
-                        cfg.shift,
-                    )
-                    loss = flow_matching_loss(
-                        model,
-                        latents[part].to(device),
-                        cond[part].to(device),
-                        pooled[part].to(device),
-                        noise[part].to(device),
-                        sigmas[part].to(device),
-                        cfg.loss_weighting,
-                    )
+                    loss = batch_loss(batch, dropout=True)
+                    if prior_batches is not None:
+                        prior_batch, prior_epoch, prior_skip = next(prior_batches)
+                        loss = loss + cfg.prior_loss_weight * batch_loss(prior_batch, dropout=False)
                     (loss / cfg.grad_accum).backward()
                     if world > 1:
                         loss = accelerator.reduce(loss.detach(), "mean")
@@ -225,7 +234,7 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(step_loss)
                 result.step = step
-                done = (epoch, skip, gen.get_state(), torch.get_rng_state())
+                done = (epoch, skip, gen.get_state(), torch.get_rng_state(), prior_epoch, prior_skip)
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                     checkpoint(step)
                 if main and validate is not None and cfg.validation_every and step % cfg.validation_every == 0:

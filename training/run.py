@@ -105,6 +105,7 @@ def run_training(
     device: str | torch.device = "cpu",
     decode: Decode | None = None,
     accelerator=None,
+    prior: TrainingSource | None = None,
 ) -> RunOutput:
     """Train a LoRA on ``source`` and write it to ``lora_path``; checkpoints and samples go to ``work_dir``.
 
@@ -112,7 +113,9 @@ def run_training(
     inference tensors could not take part in the backward pass.
     """
     with torch.inference_mode(False), torch.enable_grad():
-        return _run(base_model, source, cfg, lora_path, work_dir, on_step, resume, info, device, decode, accelerator)
+        return _run(
+            base_model, source, cfg, lora_path, work_dir, on_step, resume, info, device, decode, accelerator, prior
+        )
 
 
 def _run(
@@ -127,12 +130,16 @@ def _run(
     device: str | torch.device,
     decode: Decode | None,
     accelerator,
+    prior: TrainingSource | None,
 ) -> RunOutput:
     world = accelerator.num_processes if accelerator is not None else 1
     main = accelerator is None or accelerator.is_main_process
     check_source(source, cfg, world)
     transformer, spec = prepare_model(base_model, cfg, device)
     check_compatible(source.meta, transformer.config)
+    if prior is not None:
+        check_source(prior, cfg, world)
+        check_compatible(prior.meta, transformer.config)
     trainable = count_trainable(transformer)
     logger.info("training %d LoRA parameters on %d modules of %s", trainable, len(spec.targets), base_model)
     work_dir = Path(work_dir)
@@ -166,6 +173,7 @@ def _run(
         resume=resume,
         validate=validate if cfg.validation_every else None,
         accelerator=accelerator,
+        prior=prior,
     )
     if main and prompts and (not cfg.validation_every or cfg.steps % cfg.validation_every):
         validate(cfg.steps)

@@ -85,7 +85,7 @@ def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, ba
     name = f"node_{uuid.uuid4().hex[:6]}"
     loras = comfy.base_dir / "models" / "loras"
     (loras / f"{name}.safetensors").write_bytes(b"an older LoRA with the same name")
-    prompt = _prompt(base_prompt, name, vae=["3", 0], model=["6", 0])
+    prompt = _prompt(base_prompt, name, vae=["3", 0], model=["6", 0], class_cache=["5", 0])
     prompt["9"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     prompt["10"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a tabby cat", "clip": ["4", 0]}}
     prompt["11"] = {
@@ -116,6 +116,7 @@ def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, ba
     assert keys and all(k.startswith("transformer.transformer_blocks.") for k in keys)
     assert meta["sd35_tuner.steps"] == "4" and meta["sd35_tuner.base_model"] == paths.SD3_CHECKPOINT
     assert json.loads(meta["sd35_tuner.config"])["rank"] == 4
+    assert json.loads(meta["sd35_tuner.config"])["prior_loss_weight"] == 1.0
     run_dir = comfy.base_dir / "output" / "sd35_tuner_runs" / name
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
     assert len(list((run_dir / "validation").glob("*_cfg_*.png"))) == 1

@@ -201,3 +201,16 @@ def test_quantised_base_across_processes_is_refused(base):
         train(_with_lora(base), _source(2), cfg, accelerator=two_processes)
     with pytest.raises(ValueError, match="must divide evenly over 2 processes"):
         train(_with_lora(base), _source(4), TrainConfig(steps=1, batch_size=3), accelerator=two_processes)
+
+
+def test_prior_preservation_data_is_learned_too(base):
+    """DreamBooth-style class data: with it, the model also fits the class samples; without, it does not."""
+    instance = _source(4, seed=0)
+    g = torch.Generator().manual_seed(5)
+    flat = [torch.full((16, 8, 8), -1.0) + 0.1 * torch.randn(16, 8, 8, generator=g) for _ in range(4)]
+    prior = TensorSource(flat, [torch.randn(8, 4096, generator=g) for _ in range(4)], instance.pooled)
+    cfg = TrainConfig(steps=30, batch_size=2, learning_rate=1e-2, rank=8, alpha=16, seed=3, prior_loss_weight=1.0)
+    with_prior, without = _with_lora(base), _with_lora(base)
+    train(with_prior, instance, cfg, prior=prior)
+    train(without, instance, cfg)
+    assert _x0_error(with_prior, prior) < 0.8 * _x0_error(without, prior)
