@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .images import IMAGE_EXTENSIONS, MAX_PIXELS, WHITE, Background, image_size, verify_image
-from .manifest import Dataset, DatasetItem
+from .manifest import MANIFEST_NAME, Dataset, DatasetItem
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +66,20 @@ def _caption_for(image: Path, caption_exts: tuple[str, ...]) -> Path | None:
     return None
 
 
+def _saved_repeats(root: Path) -> dict[str, int]:
+    """Repeats by file name from a ``dataset.jsonl`` our Save node wrote in ``root`` (the flat
+    saved layout has no kohya folders to carry them); empty if there is none or it is unreadable."""
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        return {}
+    try:
+        saved = Dataset.read_jsonl(path)
+    except (ValueError, KeyError, TypeError, OSError) as err:
+        logger.warning("%s: ignored (%s)", path, err)
+        return {}
+    return {Path(item.source).name: item.repeats for item in saved.items if Path(item.source).parent == root.resolve()}
+
+
 def scan_folder(
     root: str | os.PathLike[str],
     *,
@@ -82,7 +96,8 @@ def scan_folder(
 
     Each image is checked here (size, EXIF orientation, bomb guard and, with ``verify``, a cheap
     full decode that catches truncation) so bad files are found now rather than mid-training. ``repeats`` > 0 sets every
-    item's repeat count; 0 takes it from a kohya ``N_name`` folder, else 1. ``background`` is
+    item's repeat count; 0 takes it from a kohya ``N_name`` folder, else from a ``dataset.jsonl``
+    our Save node left in ``root``, else 1. ``background`` is
     recorded per item for compositing transparent images later (``render_item``). Raises ValueError
     if the folder is missing or holds no usable image, or (``strict``) on the first bad file or
     caption without an image.
@@ -100,6 +115,7 @@ def scan_folder(
         key=lambda p: p.relative_to(root).as_posix(),
     )
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
+    saved_repeats = _saved_repeats(root)
     image_stems = {p.with_suffix("") for p in images}
     notes: list[str] = []
 
@@ -121,7 +137,7 @@ def scan_folder(
         except (ValueError, OSError) as err:
             problem(f"skipped: {err}" if isinstance(err, ValueError) else f"skipped: {path}: {err}")
         else:
-            n = repeats if repeats > 0 else (kohya_repeats(path, root) or 1)
+            n = repeats if repeats > 0 else (kohya_repeats(path, root) or saved_repeats.get(path.name, 1))
             flags = {"size": list(size)}
             if caption_path is None:
                 flags["no_caption"] = True

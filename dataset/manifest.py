@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_VERSION = 1
+MANIFEST_NAME = "dataset.jsonl"  # the file name the Save node writes and the loader recognises
 
 
 @dataclass(frozen=True)

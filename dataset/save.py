@@ -15,10 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .images import Background, render_item
-from .manifest import Dataset, DatasetItem
+from .manifest import MANIFEST_NAME, Dataset, DatasetItem
 
 FORMATS = {"png": ("PNG", {}), "jpg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"quality": 95})}
-MANIFEST_NAME = "dataset.jsonl"
 
 
 def output_names(dataset: Dataset, ext: str) -> list[str]:

@@ -107,3 +107,14 @@ def test_images_to_dataset_round_trip(tmp_path: Path) -> None:
     assert [i.source for i in again.items] == [i.source for i in ds.items]  # content-named, reused
     with pytest.raises(ValueError, match="3 lines for 2 images"):
         split_captions("a\nb\nc", 2)
+
+
+def test_a_saved_dataset_reloads_with_its_repeats(cropped: Dataset, tmp_path: Path) -> None:
+    from dataset.folder import scan_folder
+
+    target = tmp_path / "saved"
+    save_dataset(cropped, target)
+    reloaded = {Path(i.source).name: i for i in scan_folder(target).items}
+    assert {name: item.repeats for name, item in reloaded.items()} == {"a.png": 2, "b.png": 1, "a_2.png": 1}
+    assert reloaded["b.png"].caption == "blue"
+    assert {i.repeats for i in scan_folder(target, repeats=5).items} == {5}
