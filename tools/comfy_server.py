@@ -155,6 +155,9 @@ class ComfyServer:
             answer = self.post("/prompt", {"prompt": prompt, "client_id": self.client_id})
         except urllib.error.HTTPError as err:
             raise ComfyError(f"/prompt refused the graph: {err.read().decode(errors='replace')}") from err
+        if answer.get("node_errors"):
+            # ComfyUI still runs the outputs that validated and silently drops the rest: never accept that.
+            raise ComfyError(f"/prompt dropped invalid outputs: {json.dumps(answer['node_errors'])[:4000]}")
         return answer["prompt_id"]
 
     def wait(self, prompt_id: str, timeout: float = 600) -> dict:

@@ -23,7 +23,7 @@ from typing import Any
 from . import paths
 from .builtin import point_at_builtin_models
 from .comfy_server import ComfyServer
-from .workflow_api import ui_to_api
+from .workflow_api import set_inputs, ui_to_api
 
 log = logging.getLogger("main_job")
 
@@ -35,18 +35,27 @@ class Stage:
     prepare: Callable[[dict[str, Any], ComfyServer], None] | None = None
 
 
-def _prepare_dataset(prompt: dict[str, Any], server: ComfyServer) -> None:
+def _shrink_pipeline_for_cpu(prompt: dict[str, Any], server: ComfyServer) -> None:
+    """Real photos into input/, 256-px buckets, a short fp32 training run, a 128-px comparison."""
     from .sample_data import write_sample_folder
 
     folder = write_sample_folder(server.base_dir / "input" / "sample_photos")
-    for node in prompt.values():
-        if "folder" in node["inputs"] and node["class_type"].startswith("SD35Tuner"):
-            node["inputs"]["folder"] = folder.name
+    set_inputs(prompt, "SD35TunerLoadDataset", folder=folder.name)
+    set_inputs(prompt, "SD35TunerSmartCrop", resolution=256)
+    set_inputs(prompt, "SD35TunerCacheLatents", cache_name="sd35_cache/sample_photos")
+    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32", validation_every=0)
+    set_inputs(
+        prompt, "SD35TunerTrainLora", steps=60, learning_rate=1e-3, quantization="none", lora_name="sd35_tuner_demo"
+    )
+    set_inputs(prompt, "SD35TunerCompareCFGAPG", steps=8)
 
 
 STAGES = [
-    Stage("train a LoRA on a folder of photos", "train_sd35_lora.json", _prepare_dataset),
-    Stage("compare CFG with APG", "sd35_cfg_vs_apg.json"),
+    Stage(
+        "folder -> crop -> caption -> cache -> LoRA -> CFG vs APG",
+        "sd35_tuner_pipeline.json",
+        _shrink_pipeline_for_cpu,
+    )
 ]
 
 
@@ -78,7 +87,7 @@ def run_stage(server: ComfyServer, stage: Stage, size: int, out: Path) -> list[P
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=paths.REPO / "out" / "main_job")
-    parser.add_argument("--size", type=int, default=256, help="image size used for sampling on a CPU")
+    parser.add_argument("--size", type=int, default=128, help="image size used for sampling on a CPU")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="[main-job] %(message)s")
     out = args.out.resolve()
