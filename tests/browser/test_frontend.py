@@ -9,6 +9,7 @@ import pytest
 
 from tools.browser import frontend
 from tools.comfy_server import PACK_DIR_NAME
+from tools.workflow_api import ui_to_api
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
@@ -36,3 +37,15 @@ def test_bundled_workflow_loads_with_no_missing_nodes(ui, path, tmp_path):
     assert missing == []
     assert len(ui.node_types()) == len([n for n in json.loads(path.read_text())["nodes"]])
     ui.screenshot(tmp_path / f"{path.stem}.png")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
+def test_headless_conversion_matches_the_frontends_own(ui, comfy, path):
+    """tools.workflow_api (used by the main job and the tests) queues exactly what the Queue button would."""
+    workflow = json.loads(path.read_text())
+    ui.load_workflow(workflow, path.name)
+    theirs = ui.page.evaluate("async () => (await window.app.graphToPrompt()).output")
+    ours = ui_to_api(workflow, comfy.object_info())
+    assert {k: (v["class_type"], v["inputs"]) for k, v in ours.items()} == {
+        k: (v["class_type"], v["inputs"]) for k, v in theirs.items()
+    }
