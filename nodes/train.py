@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import comfy.model_base
 import comfy.model_management
 import comfy.sd
 import comfy.utils
@@ -356,6 +357,11 @@ class SD35TunerTrainLora(io.ComfyNode):
             seed=seed,
         )
         base = base_model_path(base_model)
+        if model is not None and not isinstance(model.model, comfy.model_base.SD3):
+            raise ValueError(
+                f"model: got a {type(model.model).__name__} model; connect the SD3/SD3.5 MODEL the LoRA should be "
+                "applied to (or leave 'model' empty)"
+            )
         loras = Path(folder_paths.get_folder_paths("loras")[0])
         lora_path = output_path(loras, lora_name)  # confined to models/loras; a taken name gets _2, _3...
         # checkpoints are keyed by the name asked for, so 'resume' finds them whatever version gets written
