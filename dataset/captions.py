@@ -13,8 +13,7 @@ import re
 from dataclasses import dataclass
 
 from .manifest import Dataset
-
-POLICIES = ("fill_missing", "overwrite", "prepend")
+from .options import POLICIES
 
 
 @dataclass(frozen=True)

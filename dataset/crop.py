@@ -23,12 +23,11 @@ from .buckets import Bucket, closest_bucket
 from .faces import FaceBox, FaceDetector
 from .images import image_size, item_background, load_image
 from .manifest import CropBox, Dataset, DatasetItem
+from .options import MODES, TOO_SMALL
 from .saliency import best_window, saliency_map
 
 logger = logging.getLogger(__name__)
 
-MODES = ("face_then_saliency", "saliency", "centre", "none")
-TOO_SMALL = ("skip", "keep", "error")
 # Vertical position of the faces' centre in the crop (0 top, 1 bottom): a little above the
 # middle, the usual portrait framing, so there is more body than sky below a head.
 FACE_CENTRE_Y = 0.4

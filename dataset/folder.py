@@ -16,10 +16,10 @@ from pathlib import Path
 
 from .images import IMAGE_EXTENSIONS, MAX_PIXELS, WHITE, Background, image_size, verify_image
 from .manifest import MANIFEST_NAME, Dataset, DatasetItem
+from .options import CAPTION_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
-CAPTION_EXTENSIONS = (".txt", ".caption")
 _KOHYA_REPEATS = re.compile(r"^(\d+)_(.+)$")
 
 Progress = Callable[[int, int], None]

@@ -16,8 +16,7 @@ from pathlib import Path
 
 from .images import Background, render_item
 from .manifest import MANIFEST_NAME, Dataset, DatasetItem
-
-FORMATS = {"png": ("PNG", {}), "jpg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"quality": 95})}
+from .options import FORMATS
 
 
 def output_names(dataset: Dataset, ext: str) -> list[str]:

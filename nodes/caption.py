@@ -7,6 +7,7 @@ model) with ComfyUI, so captioners sit next to checkpoints and LoRAs.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import comfy.model_management
 import comfy.utils
@@ -14,11 +15,12 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..dataset.captioner import DEFAULT_PROMPT, caption_images, find_captioner, list_captioners
-from ..dataset.captions import POLICIES, CaptionTemplate, apply_captions
-from ..dataset.images import render_item
-from ..dataset.manifest import Dataset
+from ..dataset.options import POLICIES
 from ._types import CATEGORY
 from ._types import Dataset as DatasetType
+
+if TYPE_CHECKING:  # the libraries load on first use: ComfyUI imports every pack at start
+    from ..dataset.manifest import Dataset
 
 CAPTIONERS = "captioners"
 KEEP = "none (keep existing captions)"
@@ -120,6 +122,9 @@ class Caption(io.ComfyNode):
         max_new_tokens: int,
         trust_remote_code: bool,
     ) -> io.NodeOutput:
+        from ..dataset.captions import CaptionTemplate, apply_captions
+        from ..dataset.images import render_item
+
         settings = CaptionTemplate(trigger, prefix, suffix, template, find, replace, policy)
         generated: list[str] | None = None
         todo = [i for i, item in enumerate(dataset.items) if policy != "fill_missing" or not item.caption.strip()]

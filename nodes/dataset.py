@@ -10,6 +10,7 @@ import hashlib
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import comfy.utils
 import folder_paths
@@ -18,15 +19,13 @@ import torch
 from comfy_api.latest import io, ui
 
 from ..dataset.buckets import SD35_BUCKETS_1024, format_buckets, parse_buckets, scale_buckets
-from ..dataset.crop import MODES, TOO_SMALL, CropSettings, crop_dataset
-from ..dataset.faces import haar_face_detector
-from ..dataset.folder import CAPTION_EXTENSIONS, scan_folder
-from ..dataset.manifest import Dataset
-from ..dataset.preview import images_to_dataset, preview_page, split_captions
+from ..dataset.options import CAPTION_EXTENSIONS, FORMATS, MODES, TOO_SMALL
 from ..dataset.safepaths import is_inside, resolve_inside
-from ..dataset.save import FORMATS, save_dataset
 from ._types import CATEGORY
 from ._types import Dataset as DatasetType
+
+if TYPE_CHECKING:  # the libraries load on first use: ComfyUI imports every pack at start
+    from ..dataset.manifest import Dataset
 
 CATEGORY_DATASET = f"{CATEGORY}/dataset"
 # Absolute dataset folders outside ComfyUI's input folder must be listed here (os.pathsep-separated).
@@ -145,6 +144,8 @@ class LoadDataset(io.ComfyNode):
     def execute(
         cls, folder: str, recursive: bool, repeats: int, caption_extension: str, strict: bool, background: str
     ) -> io.NodeOutput:
+        from ..dataset.folder import scan_folder
+
         root = resolve_dataset_folder(folder)
         dataset = scan_folder(
             root,
@@ -237,6 +238,9 @@ class SmartCrop(io.ComfyNode):
         max_upscale: float,
         too_small: str,
     ) -> io.NodeOutput:
+        from ..dataset.crop import CropSettings, crop_dataset
+        from ..dataset.faces import haar_face_detector
+
         base = parse_buckets(buckets) if buckets.strip() else SD35_BUCKETS_1024
         settings = CropSettings(mode=mode, headroom=headroom, max_upscale=max_upscale, too_small=too_small)
         detector, why = haar_face_detector() if mode == "face_then_saliency" else (None, "")
@@ -277,6 +281,8 @@ class PreviewDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset: Dataset, start: int, count: int, tile: int) -> io.NodeOutput:
+        from ..dataset.preview import preview_page
+
         tiles = preview_page(dataset, start, count, tile)
         batch = torch.from_numpy(np.stack([np.asarray(t, dtype=np.float32) / 255.0 for t in tiles]))
         return io.NodeOutput(batch, ui=ui.PreviewImage(batch, cls=cls))
@@ -308,6 +314,8 @@ class ImagesToDataset(io.ComfyNode):
     def execute(cls, images: torch.Tensor, captions: str) -> io.NodeOutput:
         arrays = [np.clip(np.rint(i.cpu().numpy() * 255), 0, 255).astype(np.uint8)[..., :3] for i in images]
         folder = Path(folder_paths.get_temp_directory()) / "sd35_tuner_images"
+        from ..dataset.preview import images_to_dataset, split_captions
+
         return io.NodeOutput(images_to_dataset(arrays, split_captions(captions, len(arrays)), folder))
 
 
@@ -360,6 +368,8 @@ class SaveDataset(io.ComfyNode):
 
     @classmethod
     def execute(cls, dataset: Dataset, folder: str, image_format: str, overwrite: bool) -> io.NodeOutput:
+        from ..dataset.save import save_dataset
+
         target = resolve_inside(folder_paths.get_output_directory(), folder, "save folder")
         saved = save_dataset(
             dataset, target, image_format=image_format, overwrite=overwrite, progress=progress_callback(len(dataset))
