@@ -52,7 +52,7 @@ def base_model_path(choice: str) -> Path:
 class SD35TunerTrainSettings(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from ..training.config import LOSS_WEIGHTING, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLING
+        from ..training.options import LOSS_WEIGHTING, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLING
 
         return io.Schema(
             node_id="SD35TunerTrainSettings",
@@ -211,7 +211,7 @@ _OPT_HELP = (
 class SD35TunerTrainLora(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from ..training.model import PRESETS
+        from ..training.options import PRESET_NAMES
 
         return io.Schema(
             node_id="SD35TunerTrainLora",
@@ -263,7 +263,7 @@ class SD35TunerTrainLora(io.ComfyNode):
                     step=0.01,
                     tooltip="LoRA alpha; strength scale is alpha/rank (folded into the saved file). Default 16.",
                 ),
-                io.Combo.Input("preset", options=list(PRESETS), default="attention", tooltip=PRESET_HELP),
+                io.Combo.Input("preset", options=list(PRESET_NAMES), default="attention", tooltip=PRESET_HELP),
                 io.Combo.Input(
                     "quantization",
                     options=["none", "int8", "int4", "fp8"],

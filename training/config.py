@@ -14,11 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .model import DTYPES, PRESETS, QUANT
-
-OPTIMIZERS = ("adamw", "adamw_lowmem", "prodigy", "stableadamw")
-SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial")
-TIMESTEP_SAMPLING = ("logit_normal", "mode", "uniform")
-LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
+from .options import LOSS_WEIGHTING, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLING
 
 
 @dataclass(frozen=True)

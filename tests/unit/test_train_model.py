@@ -148,3 +148,10 @@ def test_quantised_base_keeps_a_float_lora_that_gets_gradients():
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
     model(**_inputs()).sample.square().mean().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora_b)
+
+
+def test_the_light_options_module_names_every_preset():
+    from training.model import PRESETS
+    from training.options import PRESET_NAMES
+
+    assert tuple(PRESETS) == PRESET_NAMES
