@@ -23,6 +23,10 @@ from .model import DTYPES, LoraSpec
 PACK_VERSION = "0.1.0"
 
 
+# mkstemp creates 0600 files; a LoRA must be readable by a ComfyUI running as another user.
+SHARED_FILE_MODE = 0o644
+
+
 def atomic_save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Save safetensors to a temp file beside ``path`` and rename it into place."""
     from safetensors.torch import save_file
@@ -33,6 +37,7 @@ def atomic_save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLik
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, SHARED_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -46,6 +51,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
+        os.chmod(tmp, SHARED_FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -604,3 +604,12 @@ def test_duplicate_shards_from_an_interrupted_run_are_collected(tmp_path, photos
     assert report.texts_encoded == 0
     assert len(list((cache / "texts").rglob("*.safetensors"))) == 1
     CacheReader(cache).verify(ds, deep=True)
+
+
+def test_cache_files_are_readable_by_other_users(tmp_path):
+    import stat
+
+    from training.cache.store import atomic_write_bytes
+
+    atomic_write_bytes(tmp_path / "shard.safetensors", b"x")
+    assert stat.S_IMODE((tmp_path / "shard.safetensors").stat().st_mode) == 0o644

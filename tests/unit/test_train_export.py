@@ -113,3 +113,17 @@ def test_output_path_is_confined_and_versioned(tmp_path):
     for bad in ("../escape", "/etc/passwd", "", "a/../../b", "c:evil"):
         with pytest.raises(ValueError, match="lora_name"):
             output_path(tmp_path, bad)
+
+
+def test_written_files_are_readable_by_other_users(tmp_path):
+    import stat
+
+    import torch
+
+    from training.export import atomic_save_file, atomic_write_text
+
+    atomic_save_file({"w": torch.zeros(2)}, tmp_path / "lora.safetensors", {"k": "v"})
+    atomic_write_text(tmp_path / "note.json", "{}")
+    for name in ("lora.safetensors", "note.json"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
