@@ -113,7 +113,7 @@ def test_training_moves_predictions_toward_the_data(base):
 def test_resume_after_cancel_matches_an_uninterrupted_run(base, tmp_path):
     src = _source(4)
     cfg = TrainConfig(
-        steps=12,
+        steps=20,
         batch_size=2,
         learning_rate=1e-3,
         rank=4,
@@ -133,22 +133,22 @@ def test_resume_after_cancel_matches_an_uninterrupted_run(base, tmp_path):
     class Cancel(Exception):
         pass
 
-    def cancel_at_6(info):
-        if info.step == 6:
+    def cancel_at_10(info):
+        if info.step == 10:
             raise Cancel
 
     first = _with_lora(base, rank=4, alpha=8, dropout=0.1)
     with pytest.raises(Cancel):
-        train(first, src, cfg, work_dir=tmp_path / "split", on_step=cancel_at_6)
+        train(first, src, cfg, work_dir=tmp_path / "split", on_step=cancel_at_10)
     kept = list_checkpoints(tmp_path / "split")
-    assert [p.name for p in kept] == ["checkpoint-000004", "checkpoint-000006"]
+    assert [p.name for p in kept] == ["checkpoint-000008", "checkpoint-000010"]
     resumed = _with_lora(base, rank=4, alpha=8, dropout=0.1)  # a fresh process would start from scratch too
     second = train(resumed, src, cfg, work_dir=tmp_path / "split", resume=True)
     assert second.losses == pytest.approx(full.losses, rel=1e-6, abs=1e-7)
     want, got = _lora_state(straight), _lora_state(resumed)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6)
-    assert [p.name for p in list_checkpoints(tmp_path / "straight")] == ["checkpoint-000008", "checkpoint-000012"]
+    assert [p.name for p in list_checkpoints(tmp_path / "straight")] == ["checkpoint-000016", "checkpoint-000020"]
 
 
 def test_non_finite_loss_stops_with_a_clear_message_and_keeps_good_weights(base, tmp_path):
