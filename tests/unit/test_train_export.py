@@ -15,14 +15,6 @@ from training.model import add_lora, load_transformer, lora_target_modules
 SD35 = paths.MODELS / "checkpoints" / paths.SD35_CHECKPOINT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base():
     return load_transformer(SD35)

@@ -16,15 +16,6 @@ from training.model import add_lora, load_transformer, lora_parameters, lora_tar
 SD3 = paths.MODELS / "checkpoints" / paths.SD3_CHECKPOINT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and the suite shares 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def base():
     return load_transformer(SD3)

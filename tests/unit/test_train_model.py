@@ -21,14 +21,6 @@ SD3 = paths.MODELS / "checkpoints" / paths.SD3_CHECKPOINT
 SD35 = paths.MODELS / "checkpoints" / paths.SD35_CHECKPOINT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _inputs(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     return dict(

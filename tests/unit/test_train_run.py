@@ -14,14 +14,6 @@ from training.run import check_compatible, run_training
 SD35 = paths.MODELS / "checkpoints" / paths.SD35_CHECKPOINT
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _source(n: int = 3, text_dim: int = 4096, channels: int = 16) -> TensorSource:
     g = torch.Generator().manual_seed(0)
     prompts = [("a prompt", torch.randn(1, 8, text_dim, generator=g), torch.randn(1, 2048, generator=g))]
