@@ -9,23 +9,19 @@ import numpy as np
 from PIL import Image
 from safetensors import safe_open
 
+from tests.integration.test_train_workflow import sample_photos
 from tools.builtin import point_at_builtin_models
-from tools.sample_data import write_sample_folder
 from tools.workflow_api import set_inputs, ui_to_api
 
 WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "sd35_tuner_pipeline.json"
 
 
 def test_folder_to_lora_to_cfg_vs_apg(comfy):
-    folder = comfy.base_dir / "input" / "pipeline_photos"
-    write_sample_folder(folder)
-    for photo in ("coffee.jpg", "rocket.jpg", "camera.png"):
-        (folder / photo).unlink()
-        (folder / photo).with_suffix(".txt").unlink(missing_ok=True)
+    folder = sample_photos(comfy)  # the training workflow test's 2 photos; its cache is reused too
     prompt = point_at_builtin_models(ui_to_api(json.loads(WORKFLOW.read_text()), comfy.object_info()), size=64)
-    set_inputs(prompt, "SD35TunerLoadDataset", folder=folder.name)
+    set_inputs(prompt, "SD35TunerLoadDataset", folder=folder)
     set_inputs(prompt, "SD35TunerSmartCrop", resolution=256)
-    set_inputs(prompt, "SD35TunerCacheLatents", cache_name="sd35_cache/pipeline_photos")
+    set_inputs(prompt, "SD35TunerCacheLatents", cache_name=f"sd35_cache/{folder}")
     set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32", validation_every=0)
     set_inputs(prompt, "SD35TunerTrainLora", steps=3, quantization="none", lora_name="pipeline_lora")
     set_inputs(prompt, "SD35TunerCompareCFGAPG", steps=2)
