@@ -231,8 +231,18 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
                     tooltip="Guidance scale w of both runs. Default 7 (high, where CFG oversaturates). "
                     "1 disables guidance, so both halves are the same.",
                 ),
-                io.Combo.Input("sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler"),
-                io.Combo.Input("scheduler", options=comfy.samplers.KSampler.SCHEDULERS, default="sgm_uniform"),
+                io.Combo.Input(
+                    "sampler_name",
+                    options=comfy.samplers.KSampler.SAMPLERS,
+                    default="euler",
+                    tooltip="Sampler of both runs, as in KSampler. Default euler.",
+                ),
+                io.Combo.Input(
+                    "scheduler",
+                    options=comfy.samplers.KSampler.SCHEDULERS,
+                    default="sgm_uniform",
+                    tooltip="Noise schedule of both runs, as in KSampler. Default sgm_uniform (SD3's).",
+                ),
                 io.Float.Input(
                     "denoise",
                     default=1.0,

@@ -10,3 +10,17 @@ def test_pack_imports_without_failure_and_fast(comfy):
     match = re.search(r"^\s*([0-9.]+) seconds(?: \(IMPORT FAILED\))?: .*custom_nodes/sd35-tuner\s*$", log, re.M)
     assert match, "ComfyUI did not report an import time for the pack"
     assert float(match.group(1)) <= 0.05
+
+
+def test_every_widget_input_of_our_nodes_has_a_tooltip(comfy):
+    widgets = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+    missing = []
+    for node_id, info in comfy.object_info().items():
+        if not node_id.startswith("SD35Tuner"):
+            continue
+        for section in ("required", "optional"):
+            for name, spec in info["input"].get(section, {}).items():
+                options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+                if (isinstance(spec[0], list) or spec[0] in widgets) and not options.get("tooltip"):
+                    missing.append(f"{node_id}.{name}")
+    assert missing == []
