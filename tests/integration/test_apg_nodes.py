@@ -173,26 +173,31 @@ def test_identity_settings_equal_plain_cfg_and_paper_settings_differ(comfy, samp
     assert np.abs(paper - cfg_img).max() > 8 and np.abs(paper - cfg_img).mean() > 1.0  # a different picture
 
 
+def add_custom_advanced(graph: dict, steps: int) -> None:
+    """SamplerCustomAdvanced ("sca") driven by the graph's "guider" node: euler, sgm_uniform, noise seed 7."""
+    graph["noise"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}}
+    graph["sampler"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    graph["sigmas"] = {
+        "class_type": "BasicScheduler",
+        "inputs": {"model": ["msd3", 0], "scheduler": "sgm_uniform", "steps": steps, "denoise": 1.0},
+    }
+    graph["sca"] = {
+        "class_type": "SamplerCustomAdvanced",
+        "inputs": {
+            "noise": ["noise", 0],
+            "guider": ["guider", 0],
+            "sampler": ["sampler", 0],
+            "sigmas": ["sigmas", 0],
+            "latent_image": ["latent", 0],
+        },
+    }
+
+
 def test_guider_identity_equals_cfg_guider_and_paper_differs(comfy):
     def image(guider: dict) -> np.ndarray:
         graph = base_graph()
         graph["guider"] = guider
-        graph["noise"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}}
-        graph["sampler"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
-        graph["sigmas"] = {
-            "class_type": "BasicScheduler",
-            "inputs": {"model": ["msd3", 0], "scheduler": "sgm_uniform", "steps": 6, "denoise": 1.0},
-        }
-        graph["sca"] = {
-            "class_type": "SamplerCustomAdvanced",
-            "inputs": {
-                "noise": ["noise", 0],
-                "guider": ["guider", 0],
-                "sampler": ["sampler", 0],
-                "sigmas": ["sigmas", 0],
-                "latent_image": ["latent", 0],
-            },
-        }
+        add_custom_advanced(graph, steps=6)
         return run_image(comfy, finish(graph, "sca", unique("guider")))
 
     conds = {"model": ["msd3", 0], "positive": ["pos", 0], "negative": ["neg", 0], "cfg": W}
@@ -299,22 +304,7 @@ def test_negative_threshold_and_reversed_window_are_refused_before_running(comfy
     }
     graph = base_graph()
     graph["guider"] = guider
-    graph["noise"] = {"class_type": "RandomNoise", "inputs": {"noise_seed": 7}}
-    graph["sampler"] = {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
-    graph["sigmas"] = {
-        "class_type": "BasicScheduler",
-        "inputs": {"model": ["msd3", 0], "scheduler": "sgm_uniform", "steps": 2, "denoise": 1.0},
-    }
-    graph["sca"] = {
-        "class_type": "SamplerCustomAdvanced",
-        "inputs": {
-            "noise": ["noise", 0],
-            "guider": ["guider", 0],
-            "sampler": ["sampler", 0],
-            "sigmas": ["sigmas", 0],
-            "latent_image": ["latent", 0],
-        },
-    }
+    add_custom_advanced(graph, steps=2)
     errors = node_errors(comfy, finish(graph, "sca", unique("bad")))
     assert "cfg" in errors and "smaller than min" in errors
 
