@@ -1,34 +1,36 @@
-"""ComfyUI-facing node classes. Each module here lists its nodes in a module-level ``NODES``.
+"""ComfyUI-facing node classes, listed explicitly (as ComfyUI core's extensions do).
 
-Modules are discovered, so a feature adds its node module without editing this file. A module
-whose optional dependency is missing is skipped with a logged reason instead of breaking the pack.
+A node module that fails to import fails the pack's import, loudly, in ComfyUI's log: a missing
+node is never silent. A new node is added to ``NODES`` here.
 """
 
 from __future__ import annotations
 
-import importlib
-import logging
-import pkgutil
-
 from comfy_api.latest import ComfyExtension, io
 
-logger = logging.getLogger(__name__)
+from .apg import SD35TunerAPG, SD35TunerAPGGuider, SD35TunerCompareCFGAPG
+from .cache import SD35TunerCacheLatents
+from .caption import Caption
+from .dataset import ImagesToDataset, LoadDataset, PreviewDataset, SaveDataset, SmartCrop
+from .train_lora import SD35TunerTrainLora
+from .train_settings import SD35TunerTrainSettings
 
-
-def discover_nodes() -> list[type[io.ComfyNode]]:
-    found: list[type[io.ComfyNode]] = []
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
-            continue
-        try:
-            module = importlib.import_module(f"{__name__}.{info.name}")
-        except ImportError:
-            logger.warning("SD3.5 Tuner: node module %s not loaded", info.name, exc_info=True)
-            continue
-        found.extend(getattr(module, "NODES", ()))
-    return found
+NODES: list[type[io.ComfyNode]] = [
+    LoadDataset,
+    SmartCrop,
+    Caption,
+    ImagesToDataset,
+    PreviewDataset,
+    SaveDataset,
+    SD35TunerCacheLatents,
+    SD35TunerTrainSettings,
+    SD35TunerTrainLora,
+    SD35TunerAPG,
+    SD35TunerAPGGuider,
+    SD35TunerCompareCFGAPG,
+]
 
 
 class SD35TunerExtension(ComfyExtension):
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
-        return discover_nodes()
+        return NODES

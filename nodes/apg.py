@@ -291,6 +291,3 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
         shown = {UI_KEY: [{**halves, "cfg_label": cfg_label, "apg_label": apg_label}], "text": [figures]}
         grid = side_by_side(cfg_image, apg_image, cfg_label, apg_label)
         return io.NodeOutput(grid, figures, cfg_image, apg_image, ui=shown)
-
-
-NODES = [SD35TunerAPG, SD35TunerAPGGuider, SD35TunerCompareCFGAPG]

@@ -236,6 +236,3 @@ class SD35TunerCacheLatents(io.ComfyNode):
             free_models(vae.patcher, clip.patcher)
         summary = report.summary()
         return io.NodeOutput(CacheReader(folder), summary, ui=ui.PreviewText(summary))
-
-
-NODES = [SD35TunerCacheLatents]

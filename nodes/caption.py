@@ -147,6 +147,3 @@ class Caption(io.ComfyNode):
             for i, text in zip(todo, texts, strict=True):
                 generated[i] = text
         return io.NodeOutput(apply_captions(dataset, settings, generated))
-
-
-NODES = [Caption]

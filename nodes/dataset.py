@@ -375,6 +375,3 @@ class SaveDataset(io.ComfyNode):
             dataset, target, image_format=image_format, overwrite=overwrite, progress=progress_callback(len(dataset))
         )
         return io.NodeOutput(saved, str(target), ui={"text": [f"{len(saved)} image(s) saved to {target}"]})
-
-
-NODES = [LoadDataset, SmartCrop, PreviewDataset, ImagesToDataset, SaveDataset]

@@ -24,3 +24,21 @@ def test_every_widget_input_of_our_nodes_has_a_tooltip(comfy):
                 if (isinstance(spec[0], list) or spec[0] in widgets) and not options.get("tooltip"):
                     missing.append(f"{node_id}.{name}")
     assert missing == []
+
+
+def test_every_node_of_the_pack_is_registered(comfy):
+    expected = {
+        "SD35TunerLoadDataset",
+        "SD35TunerSmartCrop",
+        "SD35TunerCaption",
+        "SD35TunerImagesToDataset",
+        "SD35TunerPreviewDataset",
+        "SD35TunerSaveDataset",
+        "SD35TunerCacheLatents",
+        "SD35TunerTrainSettings",
+        "SD35TunerTrainLora",
+        "SD35TunerAPG",
+        "SD35TunerAPGGuider",
+        "SD35TunerCompareCFGAPG",
+    }
+    assert {node_id for node_id in comfy.object_info() if node_id.startswith("SD35Tuner")} == expected

@@ -1,0 +1,75 @@
+"""ComfyUI glue for the trainer node: base-model folders, the progress stream (also where Cancel is
+noticed), the VAE decoder for validation samples, applying the trained LoRA to a MODEL."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import comfy.latent_formats
+import comfy.sd
+import comfy.utils
+import folder_paths
+import torch
+
+PROGRESS_EVENT = "sd35tuner.train.progress"
+MODEL_FOLDERS = ("checkpoints", "diffusion_models")
+
+
+def base_model_options() -> list[str]:
+    return sorted({name for folder in MODEL_FOLDERS for name in folder_paths.get_filename_list(folder)})
+
+
+def base_model_path(choice: str) -> Path:
+    path = next(filter(None, (folder_paths.get_full_path(folder, choice) for folder in MODEL_FOLDERS)), None)
+    if path is None:
+        raise ValueError(
+            f"base_model {choice!r} was not found in ComfyUI's checkpoints/ or diffusion_models/ folders; "
+            "put an SD3 / SD3.5 .safetensors file there and refresh"
+        )
+    return Path(path)
+
+
+def progress_stream(total: int, node_id: str | None):
+    """on_step for the trainer: progress bar every step (Cancel lands here), loss to the queuing client."""
+    from server import PromptServer
+
+    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+    server = PromptServer.instance
+    last_sent = 0.0
+
+    def on_step(info) -> None:
+        nonlocal last_sent
+        now = time.monotonic()
+        if now - last_sent >= 0.2 or info.step == info.total_steps:
+            last_sent = now
+            data = {"node": node_id, "step": info.step, "total": info.total_steps, "loss": info.loss, "lr": info.lr}
+            server.send_sync(PROGRESS_EVENT, data, server.client_id)
+        bar.update_absolute(info.step, total)
+
+    return on_step
+
+
+def vae_decoder(vae):
+    if vae is None:
+        return None
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():  # the trainer calls this with autograd on; ComfyUI's VAE is inference-only
+            return vae.decode(comfy.latent_formats.SD3().process_out(latents)).float().cpu()
+
+    return decode
+
+
+def apply_lora(model, lora_path: Path):
+    from safetensors.torch import load_file
+
+    patched, _ = comfy.sd.load_lora_for_models(model, None, load_file(str(lora_path)), 1.0, 0.0)
+    return patched
+
+
+def validation_grid(decoded: dict[str, torch.Tensor]) -> torch.Tensor:
+    """CFG samples in the top row, APG below; a blank 64 px image when there are none."""
+    if not decoded:
+        return torch.zeros(1, 64, 64, 3)
+    return torch.cat([torch.cat(list(decoded[g]), dim=1) for g in ("cfg", "apg")], dim=0)[None]

@@ -1,0 +1,222 @@
+"""The trainer node: turns a latent cache into a LoRA in models/loras.
+
+Thin: the run itself is ``training.run.run_training``. The ComfyUI pieces it is wired to (model
+folders, progress and events, the VAE decoder, applying the LoRA) live in ``_train_glue``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import comfy.model_base
+import comfy.model_management
+import folder_paths
+import torch
+from comfy_api.latest import io, ui
+
+from ._train_glue import apply_lora, base_model_options, base_model_path, progress_stream, vae_decoder, validation_grid
+from ._types import CATEGORY, Cache, TrainSettings
+
+logger = logging.getLogger(__name__)
+
+PRESET_HELP = (
+    "Which layers get a LoRA. 'attention': image-stream attention (SimpleTuner's SD3 default). 'attention_ff': "
+    "attention and feed-forward of both streams. 'all_linear': every linear layer of the blocks. 'x_stream' / "
+    "'context_stream': one stream only (context-only suits small or low-quality datasets). Default 'attention'."
+)
+
+
+class SD35TunerTrainLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from ..training.options import PRESET_NAMES
+
+        return io.Schema(
+            node_id="SD35TunerTrainLora",
+            display_name="Train SD3.5 LoRA (SD3.5 Tuner)",
+            category=f"{CATEGORY}/training",
+            description="Trains a LoRA for an SD3 / SD3.5 checkpoint on a latent cache (flow matching, as SD3 was "
+            "trained) and saves it in models/loras, where LoraLoader lists it. The loss streams into this node while "
+            "it runs; Cancel stops after the current step and keeps a checkpoint to resume from.",
+            is_output_node=True,
+            not_idempotent=True,
+            hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
+            inputs=[
+                Cache.Input("cache", tooltip="The latent + text-embedding cache (Cache Latents node)."),
+                io.Combo.Input(
+                    "base_model",
+                    options=base_model_options(),
+                    tooltip="The SD3 / SD3.5 checkpoint to train on, from checkpoints/ or diffusion_models/.",
+                ),
+                io.String.Input(
+                    "lora_name",
+                    default="sd35_lora",
+                    tooltip="File name in models/loras (sub-folders allowed). An existing name gets a _2, _3... "
+                    "suffix instead of being overwritten.",
+                ),
+                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimizer steps. Default 500."),
+                io.Int.Input(
+                    "epochs",
+                    default=0,
+                    min=0,
+                    max=10_000,
+                    tooltip="Train this many passes over the cache instead of 'steps'. Default 0 = use steps.",
+                ),
+                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Samples per batch. Default 1."),
+                io.Float.Input(
+                    "learning_rate",
+                    default=1e-4,
+                    min=1e-7,
+                    max=1.0,
+                    step=1e-6,
+                    round=False,
+                    tooltip="Default 1e-4. SD3.5 Large can explode above ~1e-3 at high rank.",
+                ),
+                io.Int.Input("rank", default=16, min=1, max=1024, tooltip="LoRA rank. Default 16."),
+                io.Float.Input(
+                    "alpha",
+                    default=16.0,
+                    min=0.01,
+                    max=4096.0,
+                    step=0.01,
+                    tooltip="LoRA alpha; strength scale is alpha/rank (folded into the saved file). Default 16.",
+                ),
+                io.Combo.Input("preset", options=list(PRESET_NAMES), default="attention", tooltip=PRESET_HELP),
+                io.Combo.Input(
+                    "quantization",
+                    options=["none", "int8", "int4", "fp8"],
+                    default="none",
+                    tooltip="Quantise the frozen base with optimum-quanto to save memory (int8 is the safe choice; "
+                    "on CPU it is slower). Default 'none'.",
+                ),
+                io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed: same seed, same run."),
+                TrainSettings.Input("settings", optional=True, tooltip="Advanced settings (Training Settings node)."),
+                Cache.Input(
+                    "class_cache",
+                    optional=True,
+                    tooltip="A cache of class images (e.g. other people for a person LoRA) trained alongside, "
+                    "weighted by prior_loss_weight, so the class keeps its look (DreamBooth). Optional.",
+                ),
+                io.Vae.Input("vae", optional=True, tooltip="The SD3 VAE, to decode validation images. Optional."),
+                io.Model.Input(
+                    "model",
+                    optional=True,
+                    tooltip="A MODEL to return with the trained LoRA applied, ready for a sampler. Optional.",
+                ),
+            ],
+            outputs=[
+                io.String.Output(display_name="lora_name", tooltip="The LoRA file's name in models/loras."),
+                io.Model.Output(
+                    display_name="model", tooltip="The input MODEL with the LoRA applied (None if absent)."
+                ),
+                io.Image.Output(display_name="loss_chart", tooltip="Loss per step (faint) and its moving average."),
+                io.String.Output(display_name="losses", tooltip="Loss per step as a JSON list."),
+                io.Image.Output(
+                    display_name="validation",
+                    tooltip="Validation samples: CFG row over APG row (a blank image without VAE or prompts).",
+                ),
+            ],
+        )
+
+    @classmethod
+    def validate_inputs(cls, base_model: str, lora_name: str, learning_rate: float, rank: int) -> bool | str:
+        from ..training.export import output_path
+
+        try:
+            base_model_path(base_model)
+            output_path(folder_paths.get_folder_paths("loras")[0], lora_name)
+        except ValueError as err:
+            return str(err)
+        if learning_rate <= 0:
+            return "learning_rate must be > 0; 1e-4 is a safe start"
+        if rank < 1:
+            return "rank must be >= 1"
+        return True
+
+    @classmethod
+    def execute(
+        cls,
+        cache,
+        base_model: str,
+        lora_name: str,
+        steps: int,
+        epochs: int,
+        batch_size: int,
+        learning_rate: float,
+        rank: int,
+        alpha: float,
+        preset: str,
+        quantization: str,
+        seed: int,
+        settings: dict | None = None,
+        class_cache=None,
+        vae=None,
+        model=None,
+    ) -> io.NodeOutput:
+        from ..training.config import TrainConfig
+        from ..training.export import output_path
+        from ..training.report import loss_chart
+        from ..training.run import release, run_training
+
+        extra = dict(settings or {})
+        resume = extra.pop("resume", False)
+        if epochs:
+            steps = max(1, epochs * len(cache) // (batch_size * extra.get("grad_accum", 1)))
+        base_dtype = "bf16" if comfy.model_management.should_use_bf16() else "fp32"
+        cfg = TrainConfig(
+            **{"base_dtype": base_dtype, **extra},
+            steps=steps,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            rank=rank,
+            alpha=alpha,
+            preset=preset,
+            quantization=quantization,
+            seed=seed,
+        )
+        base = base_model_path(base_model)
+        if model is not None and not isinstance(model.model, comfy.model_base.SD3):
+            raise ValueError(
+                f"model: got a {type(model.model).__name__} model; connect the SD3/SD3.5 MODEL the LoRA should be "
+                "applied to (or leave 'model' empty)"
+            )
+        loras = Path(folder_paths.get_folder_paths("loras")[0])
+        lora_path = output_path(loras, lora_name)  # confined to models/loras; a taken name gets _2, _3...
+        # checkpoints are keyed by the name asked for, so 'resume' finds them whatever version gets written
+        work_dir = (
+            Path(folder_paths.get_output_directory())
+            / "sd35_tuner_runs"
+            / lora_name.strip().removesuffix(".safetensors")
+        )
+        comfy.model_management.unload_all_models()
+        comfy.model_management.soft_empty_cache()
+        workflow = (cls.hidden.extra_pnginfo or {}).get("workflow")
+        info = {"workflow": json.dumps(workflow)} if workflow else {}
+        output = None
+        try:
+            output = run_training(
+                base,
+                cache,
+                cfg,
+                lora_path,
+                work_dir,
+                on_step=progress_stream(cfg.steps, cls.hidden.unique_id),
+                resume=resume and work_dir.is_dir(),
+                info=info,
+                device=comfy.model_management.get_torch_device(),
+                decode=vae_decoder(vae),
+                prior=class_cache,
+            )
+            name = output.lora_path.relative_to(loras.resolve()).as_posix()
+            patched = apply_lora(model, output.lora_path) if model is not None else None
+            chart = torch.from_numpy(loss_chart(output.losses)).float()[None] / 255
+            grid = validation_grid(output.decoded)
+            logger.info("trained %s: %d parameters, final loss %.4f", name, output.trainable, output.losses[-1])
+        finally:
+            release(output)
+            comfy.model_management.soft_empty_cache()
+        shown = grid if output.decoded else chart
+        panel = {**ui.PreviewImage(shown, cls=cls).as_dict(), "lora_name": [name], "losses": output.losses}
+        return io.NodeOutput(name, patched, chart, json.dumps(output.losses), grid, ui=panel)

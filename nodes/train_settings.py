@@ -1,0 +1,168 @@
+"""The trainer's advanced settings node: one SD35_TRAIN_SETTINGS dict for the trainer's 'settings' input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from comfy_api.latest import io
+
+from ._types import CATEGORY, TrainSettings
+
+
+class SD35TunerTrainSettings(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        from ..training.options import LOSS_WEIGHTING, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLING
+
+        return io.Schema(
+            node_id="SD35TunerTrainSettings",
+            display_name="LoRA Training Settings (SD3.5 Tuner)",
+            category=f"{CATEGORY}/training",
+            description="The trainer's advanced settings. Connect to the trainer's 'settings' input; without it the "
+            "defaults shown here are used.",
+            inputs=[
+                io.String.Input(
+                    "blocks",
+                    default="",
+                    tooltip="Blocks to train, e.g. '12-24'. Default empty = every block.",
+                ),
+                io.String.Input(
+                    "exclude_blocks",
+                    default="",
+                    tooltip="Blocks to keep frozen, e.g. '30-37' (the SD3.5 authors say it protects fine detail on "
+                    "photos). Default empty = none.",
+                ),
+                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", tooltip=_OPT_HELP),
+                io.Combo.Input(
+                    "lr_scheduler",
+                    options=list(SCHEDULES),
+                    default="constant",
+                    tooltip="Learning-rate schedule after warmup. Default 'constant'.",
+                ),
+                io.Int.Input(
+                    "warmup_steps", default=0, min=0, max=100_000, tooltip="Linear warmup steps. Default 0 = none."
+                ),
+                io.Float.Input(
+                    "max_grad_norm",
+                    default=1.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.01,
+                    tooltip="Clip the gradient norm to this value (SD3.5 Large wants it low, e.g. 0.1). Default 1.0; "
+                    "0 disables clipping.",
+                ),
+                io.Int.Input(
+                    "grad_accum",
+                    default=1,
+                    min=1,
+                    max=256,
+                    tooltip="Batches accumulated per optimizer step. Default 1 = no accumulation.",
+                ),
+                io.Float.Input(
+                    "caption_dropout",
+                    default=0.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Probability of training a sample with the empty caption. Default 0 = never.",
+                ),
+                io.Float.Input(
+                    "prior_loss_weight",
+                    default=1.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.05,
+                    tooltip="Weight of the class-image loss when the trainer's 'class_cache' is connected "
+                    "(DreamBooth prior preservation). Default 1.0; 0 ignores the class images.",
+                ),
+                io.Float.Input(
+                    "lora_dropout", default=0.0, min=0.0, max=0.9, step=0.01, tooltip="LoRA dropout. Default 0 = off."
+                ),
+                io.Combo.Input(
+                    "timestep_sampling",
+                    options=list(TIMESTEP_SAMPLING),
+                    default="logit_normal",
+                    tooltip="How σ is drawn (SD3 paper): logit-normal (default), mode or uniform.",
+                ),
+                io.Float.Input(
+                    "shift",
+                    default=3.0,
+                    min=0.1,
+                    max=20.0,
+                    step=0.1,
+                    tooltip="SD3 timestep shift toward noisier σ. Default 3.0; 1.0 disables the shift.",
+                ),
+                io.Combo.Input(
+                    "loss_weighting",
+                    options=list(LOSS_WEIGHTING),
+                    default="none",
+                    tooltip="Per-σ loss weights (SD3 paper). Default 'none' = equal weights.",
+                ),
+                io.Boolean.Input(
+                    "gradient_checkpointing",
+                    default=False,
+                    tooltip="Recompute activations in the backward pass: less memory, slower. Default off.",
+                ),
+                io.Combo.Input(
+                    "base_dtype",
+                    options=["fp32", "bf16", "fp16"],
+                    default="bf16",
+                    tooltip="Precision of the frozen base weights (the LoRA always trains in fp32). Default bf16.",
+                ),
+                io.Combo.Input(
+                    "save_dtype",
+                    options=["bf16", "fp16", "fp32"],
+                    default="bf16",
+                    tooltip="Precision of the saved LoRA file. Default bf16.",
+                ),
+                io.Int.Input(
+                    "checkpoint_every",
+                    default=0,
+                    min=0,
+                    max=100_000,
+                    tooltip="Save a resumable checkpoint every N steps. Default 0 = only at the end and on Cancel.",
+                ),
+                io.Int.Input(
+                    "keep_checkpoints", default=3, min=1, max=1000, tooltip="Keep the newest N checkpoints. Default 3."
+                ),
+                io.Int.Input(
+                    "validation_every",
+                    default=0,
+                    min=0,
+                    max=100_000,
+                    tooltip="Sample the cache's validation prompts every N steps (needs the VAE input). Default 0 = "
+                    "only once at the end.",
+                ),
+                io.Int.Input(
+                    "validation_steps", default=20, min=1, max=200, tooltip="Sampler steps per validation image."
+                ),
+                io.Float.Input(
+                    "validation_cfg",
+                    default=4.0,
+                    min=1.0,
+                    max=30.0,
+                    step=0.1,
+                    tooltip="Guidance scale of the validation samples (CFG and APG). Default 4.0; 1.0 = unguided.",
+                ),
+                io.Boolean.Input(
+                    "resume",
+                    default=False,
+                    tooltip="Continue from the newest checkpoint of a run with the same LoRA name. Default off.",
+                ),
+            ],
+            outputs=[TrainSettings.Output(display_name="settings")],
+        )
+
+    @classmethod
+    def execute(cls, **settings: Any) -> io.NodeOutput:
+        from ..training.config import TrainConfig
+
+        resume = settings.pop("resume")
+        TrainConfig(steps=settings["warmup_steps"] + 1, **settings)  # a bad value fails here, naming the field
+        return io.NodeOutput({**settings, "resume": resume})
+
+
+_OPT_HELP = (
+    "adamw: AdamW, fp32 states (default). adamw_lowmem: 8-bit AdamW with bitsandbytes on CUDA, else bf16 states. "
+    "prodigy / stableadamw: need the prodigyopt / torch-optimi packages."
+)
