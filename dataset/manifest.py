@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+from ._fs import fs
 
 MANIFEST_VERSION = 1
 MANIFEST_NAME = "dataset.jsonl"  # the file name the Save node writes and the loader recognises
@@ -81,19 +82,10 @@ class Dataset:
         return Dataset(tuple(items), self.root, self.notes + tuple(notes))
 
     def write_jsonl(self, path: str | os.PathLike[str]) -> None:
-        """Write atomically: a temp file in the same folder, then rename."""
-        path = Path(path)
+        """Write atomically (``fs.atomic_write_text``)."""
         header = {"sd35_tuner_manifest": MANIFEST_VERSION, "root": self.root, "count": len(self.items)}
         lines = [json.dumps(header)] + [json.dumps(item.to_json(), ensure_ascii=False) for item in self.items]
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write("\n".join(lines) + "\n")
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a manifest is meant to be shared like the images
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        fs.atomic_write_text(path, "\n".join(lines) + "\n")
 
     @classmethod
     def read_jsonl(cls, path: str | os.PathLike[str]) -> Dataset:

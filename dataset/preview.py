@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import textwrap
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from ._fs import fs
 from .images import item_background, load_image
 from .manifest import Dataset, DatasetItem
 
@@ -90,10 +90,8 @@ def images_to_dataset(images: list[np.ndarray], captions: list[str], folder: str
         digest = hashlib.sha256(arr.tobytes() + str(arr.shape).encode()).hexdigest()[:16]
         path = folder / f"{digest}.png"
         if not path.exists():
-            fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".png")
-            with os.fdopen(fd, "wb") as f:
-                Image.fromarray(arr).save(f, "PNG")
-            os.replace(tmp, path)
+            with fs.atomic_file(path) as tmp:
+                Image.fromarray(arr).save(tmp, "PNG")
         h, w = arr.shape[:2]
         items.append(DatasetItem(str(path.resolve()), caption=caption, flags={"size": [w, h]}))
     return Dataset(tuple(items), root=str(folder.resolve()))

@@ -2,18 +2,17 @@
 ``name.png`` + ``name.txt`` pairs, plus a ``dataset.jsonl`` manifest of what was written.
 
 Everything is first written to a hidden staging folder next to the target and only moved in
-(one atomic rename per file) once every image rendered, so a bad source file leaves no partial
-output. Existing files are never replaced unless ``overwrite`` is set.
+(one atomic rename per file, ``fs.publish``) once every image rendered, so a bad source file leaves
+no partial output. Existing files are never replaced unless ``overwrite`` is set.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from ._fs import fs
 from .images import Background, render_item
 from .manifest import MANIFEST_NAME, Dataset, DatasetItem
 from .options import FORMATS
@@ -64,9 +63,7 @@ def save_dataset(
             f"save target {target} already holds {len(clashes)} of the files to write (e.g. {', '.join(clashes[:3])}); "
             "choose another folder name or enable overwrite"
         )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
-    try:
+    with fs.temp_folder(target.parent, target.name) as staging:
         saved: list[DatasetItem] = []
         for i, (item, stem) in enumerate(zip(dataset.items, stems, strict=True)):
             image = render_item(item, background)
@@ -85,7 +82,5 @@ def save_dataset(
         result.write_jsonl(staging / MANIFEST_NAME)
         target.mkdir(exist_ok=True)
         for name in planned:
-            os.replace(staging / name, target / name)
+            fs.publish(staging / name, target / name)
         return result
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)

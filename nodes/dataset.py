@@ -20,7 +20,7 @@ from comfy_api.latest import io, ui
 
 from ..dataset.buckets import SD35_BUCKETS_1024, format_buckets, parse_buckets, scale_buckets
 from ..dataset.options import CAPTION_EXTENSIONS, FORMATS, MODES, TOO_SMALL
-from ..dataset.safepaths import is_inside, resolve_inside
+from ..training.fs import is_inside, resolve_inside
 from ._types import CATEGORY
 from ._types import Dataset as DatasetType
 

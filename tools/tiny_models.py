@@ -18,12 +18,12 @@ Run: ``python -m tools.tiny_models --out DIR``. Same seed, same bytes.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+
+from training.fs import atomic_save_safetensors
 
 from . import paths
 
@@ -125,10 +125,7 @@ def build_clip_l(seed: int) -> dict[str, torch.Tensor]:
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    atomic_save_safetensors(path, tensors, metadata)
 
 
 def _import_comfy() -> None:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .export import atomic_save_file
+from .fs import atomic_save_safetensors
 
 _NAME = re.compile(r"checkpoint-(\d+)$")
 
@@ -88,11 +88,11 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=root))
     try:
         adapter = {n: p.detach() for n, p in transformer.named_parameters() if ".lora_A." in n or ".lora_B." in n}
-        atomic_save_file(adapter, tmp / "adapter.safetensors", {})
+        atomic_save_safetensors(tmp / "adapter.safetensors", adapter)
         opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
         opt_tensors["rng.generator"] = state.generator
         opt_tensors["rng.torch"] = state.torch_rng
-        atomic_save_file(opt_tensors, tmp / "optimizer.safetensors", {})
+        atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors)
         info = {
             "step": state.step,
             "epoch": state.epoch,

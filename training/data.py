@@ -88,29 +88,10 @@ class TensorSource:
         return self._prompts
 
 
-def save_tensor_source(path: str | os.PathLike, source: TensorSource) -> None:
-    """Write an in-memory source as one safetensors file (same-size latents only), for the CLI."""
-    from .export import atomic_save_file
-
-    tensors = {
-        "latents": torch.stack(source.latents),
-        "cond": torch.stack(source.cond),
-        "pooled": torch.stack(source.pooled),
-    }
-    empty_cond, empty_pooled = source.empty_text()
-    tensors.update(empty_cond=empty_cond, empty_pooled=empty_pooled)
-    for i, (_, cond, pooled) in enumerate(source.validation_prompts()):
-        tensors[f"prompt.{i}.cond"], tensors[f"prompt.{i}.pooled"] = cond, pooled
-    meta = {
-        "captions": json.dumps(source.captions),
-        "prompts": json.dumps([p for p, _, _ in source.validation_prompts()]),
-    }
-    atomic_save_file(tensors, path, {**meta, "meta": json.dumps(source.meta)})
-
-
 def load_tensor_source(path: str | os.PathLike) -> TensorSource:
-    """Read a file written by :func:`save_tensor_source`: tensors ``latents`` [N,C,h,w], ``cond`` [N,L,D],
-    ``pooled`` [N,P], optional ``empty_cond`` / ``empty_pooled`` and ``prompt.<i>.cond/pooled``."""
+    """Read pre-encoded samples from one safetensors file, for the CLI: tensors ``latents`` [N,C,h,w],
+    ``cond`` [N,L,D], ``pooled`` [N,P], optional ``empty_cond`` / ``empty_pooled`` and ``prompt.<i>.cond/pooled``;
+    header metadata ``captions`` / ``prompts`` (JSON lists) and ``meta`` (JSON object)."""
     from safetensors import safe_open
 
     path = Path(path)

@@ -11,51 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import fs
 from .model import DTYPES, LoraSpec
 
 PACK_VERSION = "0.1.0"
-
-
-# mkstemp creates 0600 files; a LoRA must be readable by a ComfyUI running as another user.
-SHARED_FILE_MODE = 0o644
-
-
-def atomic_save_file(tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, metadata: dict[str, str]) -> None:
-    """Save safetensors to a temp file beside ``path`` and rename it into place."""
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, SHARED_FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, SHARED_FILE_MODE)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def lora_state_dict(transformer, spec: LoraSpec, dtype: str = "fp32") -> dict[str, torch.Tensor]:
@@ -90,25 +55,25 @@ def header(spec: LoraSpec, info: Mapping[str, Any]) -> dict[str, str]:
 def export_lora(
     transformer, spec: LoraSpec, path: str | os.PathLike, info: Mapping[str, Any] | None = None, dtype: str = "fp32"
 ) -> Path:
-    """Write the LoRA file atomically and return its path."""
-    path = Path(path)
-    atomic_save_file(lora_state_dict(transformer, spec, dtype), path, header(spec, info or {}))
-    return path
+    """Write the LoRA file atomically (fsynced, then renamed into place) and return its path."""
+    return fs.atomic_save_safetensors(path, lora_state_dict(transformer, spec, dtype), header(spec, info or {}))
 
 
 def output_path(folder: str | os.PathLike, name: str, field: str = "lora_name") -> Path:
-    """``folder/<name>.safetensors`` confined to ``folder``; an existing file gets a ``_2``, ``_3``... version."""
-    folder = Path(folder).resolve()
+    """``folder/<name>.safetensors`` confined to ``folder``; an existing file gets a ``_2``, ``_3``... version.
+
+    Refused (ValueError naming ``field``): empty names, absolute paths, ``..``, characters Windows forbids,
+    and any part starting with a dot (``.``, ``.hidden``: files ComfyUI's LoRA list never shows).
+    """
     stem = name.strip().removesuffix(".safetensors")
-    bad = not stem or Path(stem).is_absolute() or ".." in Path(stem).parts or any(c in stem for c in ':*?"<>|\\\0')
+    parts = stem.replace("\\", "/").split("/")
+    bad = not stem or any(not p or p.startswith(".") for p in parts) or any(c in stem for c in ':*?"<>|\0')
     if bad:
         raise ValueError(
             f"{field} {name!r} is not a plain file name; use something like 'my_style' or 'people/my_style' "
-            "(no '..', no absolute path)"
+            "(no '..', no absolute path, no part starting with '.')"
         )
-    path = (folder / f"{stem}.safetensors").resolve()
-    if not path.is_relative_to(folder):
-        raise ValueError(f"{field} {name!r} points outside {folder}")
+    path = fs.resolve_inside(folder, f"{stem}.safetensors", field)
     version = 2
     while path.exists():
         path = path.with_name(f"{Path(stem).name}_{version}.safetensors")

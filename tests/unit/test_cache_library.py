@@ -606,10 +606,10 @@ def test_duplicate_shards_from_an_interrupted_run_are_collected(tmp_path, photos
     CacheReader(cache).verify(ds, deep=True)
 
 
-def test_cache_files_are_readable_by_other_users(tmp_path):
+def test_cache_files_are_readable_by_other_users(tmp_path, photos):
     import stat
 
-    from training.cache.store import atomic_write_bytes
-
-    atomic_write_bytes(tmp_path / "shard.safetensors", b"x")
-    assert stat.S_IMODE((tmp_path / "shard.safetensors").stat().st_mode) == 0o644
+    build(make_dataset(tmp_path / "ds", photos), tmp_path / "cache", FakeVAE(), FakeCLIP())
+    files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name != ".sd35-tuner.lock"]
+    assert len(files) >= 4 and {p.suffix for p in files} == {".json", ".safetensors"}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}

@@ -8,8 +8,8 @@ from PIL import Image
 
 from dataset.manifest import CropBox, Dataset, DatasetItem
 from dataset.preview import images_to_dataset, preview_page, split_captions
-from dataset.safepaths import resolve_inside
 from dataset.save import save_dataset
+from training.fs import resolve_inside
 
 
 def _photo(path: Path, size=(300, 200), colour=(200, 30, 30)) -> str:

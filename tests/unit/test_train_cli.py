@@ -13,9 +13,29 @@ import torch
 from safetensors.torch import load_file
 
 from tools import paths
-from training.data import TensorSource, save_tensor_source
+from training.data import TensorSource
+from training.fs import atomic_save_safetensors
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def save_tensor_source(path: Path, source: TensorSource) -> None:
+    """Write an in-memory source in the CLI's one-file format (see ``training.data.load_tensor_source``)."""
+    tensors = {
+        "latents": torch.stack(source.latents),
+        "cond": torch.stack(source.cond),
+        "pooled": torch.stack(source.pooled),
+    }
+    empty_cond, empty_pooled = source.empty_text()
+    tensors.update(empty_cond=empty_cond, empty_pooled=empty_pooled)
+    for i, (_, cond, pooled) in enumerate(source.validation_prompts()):
+        tensors[f"prompt.{i}.cond"], tensors[f"prompt.{i}.pooled"] = cond, pooled
+    meta = {
+        "captions": json.dumps(source.captions),
+        "prompts": json.dumps([p for p, _, _ in source.validation_prompts()]),
+        "meta": json.dumps(source.meta),
+    }
+    atomic_save_safetensors(path, tensors, meta)
 
 
 @pytest.fixture(scope="module")

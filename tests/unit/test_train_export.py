@@ -112,9 +112,9 @@ def test_written_files_are_readable_by_other_users(tmp_path):
 
     import torch
 
-    from training.export import atomic_save_file, atomic_write_text
+    from training.fs import atomic_save_safetensors, atomic_write_text
 
-    atomic_save_file({"w": torch.zeros(2)}, tmp_path / "lora.safetensors", {"k": "v"})
+    atomic_save_safetensors(tmp_path / "lora.safetensors", {"w": torch.zeros(2)}, {"k": "v"})
     atomic_write_text(tmp_path / "note.json", "{}")
     for name in ("lora.safetensors", "note.json"):
         assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o644

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .. import fs
 from . import store
 from .keys import SourceDigests, latent_key, text_key
 
@@ -178,7 +179,7 @@ class _Builder:
                 if rec is not None and st.st_size != rec.get("bytes"):
                     raise ValueError(f"size {st.st_size} != recorded {rec.get('bytes')} bytes")
                 if rec is None or st.st_mtime_ns != rec.get("mtime_ns"):
-                    sha = store.file_sha256(path)
+                    sha = fs.file_sha256(path)
                     if rec is not None and sha != rec.get("sha256"):
                         raise ValueError("content hash does not match the index")
                     rec = {"bytes": st.st_size, "sha256": sha, "mtime_ns": st.st_mtime_ns}

@@ -17,10 +17,11 @@ import hashlib
 import json
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
+
+from .. import fs
 
 KEY_VERSION = 1  # bump when the rendering or encoding of entries changes meaning
 SAMPLES_PER_TENSOR = 64
@@ -70,14 +71,6 @@ def tensor_identity(value: Any) -> str:
     return h.hexdigest()[:32]
 
 
-def file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class SourceDigests:
     """SHA-256 of source images, re-hashed only when (size, mtime) differ from the last run's record."""
 
@@ -94,7 +87,7 @@ class SourceDigests:
         if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
             sha = str(old["sha256"])
         else:
-            sha = file_digest(Path(path))
+            sha = fs.file_sha256(path)
             self.hashed += 1
         self.records[path] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
         return sha

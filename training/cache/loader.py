@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import fs
 from . import store
-from .keys import file_digest
 
 if TYPE_CHECKING:
     from dataset.manifest import Dataset
@@ -156,7 +156,7 @@ class CacheReader:
                     problems.append(f"{entry['source']}: {kind} entry missing")
         if deep:
             for rel, rec in self.index["shards"].items():
-                if store.file_sha256(self.dir / rel) != rec["sha256"]:
+                if fs.file_sha256(self.dir / rel) != rec["sha256"]:
                     problems.append(f"{self.dir / rel}: content hash does not match the index")
         if dataset is not None:
             problems += self._compare(dataset)
@@ -187,8 +187,8 @@ class CacheReader:
             except OSError:
                 problems.append(f"{item.source}: image vanished")
                 continue
-            if (st.st_size, st.st_mtime_ns) != (rec.get("size"), rec.get("mtime_ns")) and file_digest(
-                Path(item.source)
+            if (st.st_size, st.st_mtime_ns) != (rec.get("size"), rec.get("mtime_ns")) and fs.file_sha256(
+                item.source
             ) != rec.get("sha256"):
                 problems.append(f"{item.source}: image changed on disk")
         return problems

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from .. import fs
+
 INDEX_NAME = "index.json"
 FORMAT_NAME = "sd35-tuner-cache"
 FORMAT_VERSION = 1
@@ -52,32 +54,8 @@ def write_error(path: Path, err: OSError) -> CacheWriteError:
     )
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache is shared like any output file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(path: Path, data: Mapping[str, Any]) -> None:
-    atomic_write_bytes(path, json.dumps(data, ensure_ascii=False, indent=1).encode("utf-8"))
+    fs.atomic_write_json(path, data, indent=1)
 
 
 def read_index(cache_dir: Path) -> dict[str, Any] | None:
@@ -116,7 +94,7 @@ def write_shard(
 
     data = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     path = cache_dir / rel
-    atomic_write_bytes(path, data)
+    fs.atomic_write_bytes(path, data)
     return {
         "bytes": len(data),
         "sha256": hashlib.sha256(data).hexdigest(),
@@ -200,15 +178,7 @@ def cache_fingerprint(cache_dir: Path) -> str:
 
 
 def confined_dir(base: str | os.PathLike[str], name: str, field: str = "cache_name") -> Path:
-    """``base/name`` if it stays inside ``base`` (no absolute path, no '..', no symlink escape); ValueError otherwise."""
-    name = name.strip()
-    if not name:
+    """``base/name`` if it is a sub-folder of ``base`` (``fs.resolve_inside``); ValueError otherwise."""
+    if not name.strip():
         raise ValueError(f"{field} is empty: give a folder name such as 'sd35_cache/my_dataset'")
-    rel = Path(name)
-    if rel.is_absolute() or ".." in rel.parts:
-        raise ValueError(f"{field} '{name}' must be a relative folder inside {base} (no absolute path, no '..')")
-    root = Path(base).resolve()
-    target = (root / rel).resolve()
-    if root not in target.parents:
-        raise ValueError(f"{field} '{name}' resolves to {target}, outside {root}; pick a plain sub-folder name")
-    return target
+    return fs.resolve_inside(base, name, field)
