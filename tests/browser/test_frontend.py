@@ -14,6 +14,8 @@ from tools.workflow_api import ui_to_api
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
 SCRIPTS = sorted(p.relative_to(REPO / "web" / "js").as_posix() for p in (REPO / "web" / "js").rglob("*.js"))
+SHARED = [s for s in SCRIPTS if s.startswith("shared/")]  # imported by the extensions; register nothing
+EXTENSIONS = [s for s in SCRIPTS if s not in SHARED]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +29,20 @@ def test_the_pack_extensions_load_without_errors(ui, comfy):
     assert sorted(e.split(f"/extensions/{PACK_DIR_NAME}/", 1)[1] for e in served) == SCRIPTS
     registered = ui.page.evaluate("() => window.app.extensions.map((e) => e.name)")
     ours = [name for name in registered if name.startswith("sd35tuner.")]
-    assert len(ours) == len(SCRIPTS), f"one extension per script expected, got {ours}"
+    assert len(ours) == len(EXTENSIONS), f"one extension per script outside shared/ expected, got {ours}"
+    assert len(set(ours)) == len(ours)
     assert ui.unexpected_errors() == []
+
+
+def test_shared_helpers_are_one_module_the_extensions_use(ui):
+    """ComfyUI loads shared/*.js as extensions too; the extensions' relative imports reach the same module."""
+    assert SHARED, "web/js/shared/ holds the helpers the extensions share"
+    for script in EXTENSIONS:  # no extension keeps its own copy of a shared helper
+        source = (REPO / "web" / "js" / script).read_text()
+        assert "function el(" not in source and "const onExecuted = nodeType" not in source, script
+    url = f"/extensions/{PACK_DIR_NAME}/shared/dom.js"
+    exports = ui.page.evaluate("async (url) => Object.keys(await import(url)).sort()", url)
+    assert exports == ["addViewWidget", "chainHook", "el"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)

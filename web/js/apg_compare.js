@@ -1,5 +1,7 @@
 // CFG vs APG by eye: the comparison node shows both halves stacked, with a slider that moves the
 // split (CFG left, APG right) and a button that cycles split / CFG only / APG only.
+import { addViewWidget, chainHook, el } from "./shared/dom.js";
+
 const { app } = window.comfyAPI.app;
 const { api } = window.comfyAPI.api;
 
@@ -10,12 +12,6 @@ const MODES = ["split", "cfg", "apg"];
 function viewUrl(item) {
   const query = new URLSearchParams({ filename: item.filename, subfolder: item.subfolder ?? "", type: item.type ?? "temp" });
   return api.apiURL(`/view?${query}`);
-}
-
-function el(tag, style = {}, props = {}) {
-  const node = Object.assign(document.createElement(tag), props);
-  Object.assign(node.style, style);
-  return node;
 }
 
 function buildViewer() {
@@ -104,31 +100,16 @@ app.registerExtension({
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE) return;
 
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const r = onNodeCreated?.apply(this, arguments);
-      this.sd35ApgViewer = buildViewer();
-      this.addDOMWidget("apg_compare", "sd35_apg_compare", this.sd35ApgViewer.root, {
-        serialize: false,
-        getMinHeight: () => 340,
-      });
-      return r;
-    };
-
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      const r = onExecuted?.apply(this, arguments);
+    addViewWidget(nodeType, {
+      key: "sd35ApgViewer",
+      name: "apg_compare",
+      type: "sd35_apg_compare",
+      build: buildViewer,
+      minHeight: 340,
+    });
+    chainHook(nodeType.prototype, "onExecuted", function (message) {
       const result = message?.[UI_KEY]?.[0];
       if (result && this.sd35ApgViewer) this.sd35ApgViewer.show(result, message.text?.[0]);
-      return r;
-    };
-
-    const onRemoved = nodeType.prototype.onRemoved;
-    nodeType.prototype.onRemoved = function () {
-      this.sd35ApgViewer?.dispose();
-      this.sd35ApgViewer?.root.remove();
-      this.sd35ApgViewer = null;
-      return onRemoved?.apply(this, arguments);
-    };
+    });
   },
 });

@@ -1,17 +1,13 @@
 // Live loss chart inside the SD3.5 LoRA trainer node. The server streams one event per step (at most
 // five a second) to the client that queued the run; when the node finishes, its full loss list
 // replaces the streamed points so the chart is complete even if events were missed.
+import { addViewWidget, chainHook, el } from "./shared/dom.js";
+
 const { app } = window.comfyAPI.app;
 const { api } = window.comfyAPI.api;
 
 const NODE = "SD35TunerTrainLora";
 const EVENT = "sd35tuner.train.progress";
-
-function el(tag, style = {}, props = {}) {
-  const node = Object.assign(document.createElement(tag), props);
-  Object.assign(node.style, style);
-  return node;
-}
 
 function buildMonitor() {
   const root = el("div", { display: "flex", flexDirection: "column", gap: "2px", width: "100%", height: "100%" });
@@ -99,30 +95,15 @@ app.registerExtension({
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (nodeData.name !== NODE) return;
 
-    const onNodeCreated = nodeType.prototype.onNodeCreated;
-    nodeType.prototype.onNodeCreated = function () {
-      const r = onNodeCreated?.apply(this, arguments);
-      this.sd35Monitor = buildMonitor();
-      this.addDOMWidget("loss_chart", "sd35_loss_chart", this.sd35Monitor.root, {
-        serialize: false,
-        getMinHeight: () => 140,
-      });
-      return r;
-    };
-
-    const onExecuted = nodeType.prototype.onExecuted;
-    nodeType.prototype.onExecuted = function (message) {
-      const r = onExecuted?.apply(this, arguments);
+    addViewWidget(nodeType, {
+      key: "sd35Monitor",
+      name: "loss_chart",
+      type: "sd35_loss_chart",
+      build: buildMonitor,
+      minHeight: 140,
+    });
+    chainHook(nodeType.prototype, "onExecuted", function (message) {
       if (Array.isArray(message?.losses)) this.sd35Monitor?.finish(message.losses, message.lora_name?.[0]);
-      return r;
-    };
-
-    const onRemoved = nodeType.prototype.onRemoved;
-    nodeType.prototype.onRemoved = function () {
-      this.sd35Monitor?.dispose();
-      this.sd35Monitor?.root.remove();
-      this.sd35Monitor = null;
-      return onRemoved?.apply(this, arguments);
-    };
+    });
   },
 });
