@@ -158,7 +158,7 @@ class SD35TunerTrainLora(io.ComfyNode):
         from ..training.config import TrainConfig
         from ..training.export import output_path
         from ..training.report import loss_chart
-        from ..training.run import release, run_training
+        from ..training.run import run_training
 
         extra = dict(settings or {})
         resume = extra.pop("resume", False)
@@ -215,7 +215,9 @@ class SD35TunerTrainLora(io.ComfyNode):
             grid = validation_grid(output.decoded)
             logger.info("trained %s: %d parameters, final loss %.4f", name, output.trainable, output.losses[-1])
         finally:
-            release(output)
+            from diffusers.training_utils import free_memory
+
+            free_memory()  # the trainer's model (peft hooks hold reference cycles)
             comfy.model_management.soft_empty_cache()
         shown = grid if output.decoded else chart
         panel = {**ui.PreviewImage(shown, cls=cls).as_dict(), "lora_name": [name], "losses": output.losses}

@@ -1,7 +1,7 @@
 """Training checkpoints: everything needed to continue a run exactly where it stopped.
 
-A checkpoint is a folder ``checkpoint-<step>/`` with ``adapter.safetensors`` (the LoRA parameters by
-their peft names), ``optimizer.safetensors`` (the optimizer's tensors plus the RNG states) and
+A checkpoint is a folder ``checkpoint-<step>/`` with ``adapter.safetensors`` (the LoRA weights under
+peft's names), ``optimizer.safetensors`` (the optimizer's tensors plus the RNG states) and
 ``state.json`` (step, data position, losses, scheduler, optimizer scalars, the config). It is written
 into a temp folder and renamed into place, so a crash never leaves a half checkpoint; only the newest
 ``keep`` checkpoints are kept. No pickle anywhere: tensors go to safetensors, the rest to JSON.
@@ -10,31 +10,53 @@ into a temp folder and renamed into place, so a crash never leaves a half checkp
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .fs import atomic_save_safetensors
+from .model import adapter_state, load_adapter_state
+
+logger = logging.getLogger(__name__)
 
 _NAME = re.compile(r"checkpoint-(\d+)$")
 
 
 @dataclass
 class TrainState:
+    """Where a run stands after its last finished step; the loop updates it in place after every step."""
+
     step: int
-    epoch: int
-    batch_in_epoch: int
+    epoch: int  # data position: the epoch of the last batch drawn ...
+    batch_in_epoch: int  # ... and how many batches of it were drawn
     losses: list[float]
-    generator: torch.Tensor
-    torch_rng: torch.Tensor
+    generator: torch.Tensor  # state of the generator of noise, σ and caption dropout
+    torch_rng: torch.Tensor  # state of torch's global CPU generator (LoRA dropout)
     prior_epoch: int = 0
     prior_batch_in_epoch: int = 0
+
+    @classmethod
+    def fresh(cls, seed: int) -> TrainState:
+        """Step 0 of a run with this seed."""
+        generator = torch.Generator().manual_seed(seed).get_state()
+        torch_rng = torch.Generator().manual_seed(seed + 1).get_state()
+        return cls(step=0, epoch=0, batch_in_epoch=0, losses=[], generator=generator, torch_rng=torch_rng)
+
+
+@dataclass
+class Restored:
+    """A checkpoint a run continues from, and the newer ones skipped because they were damaged."""
+
+    path: Path
+    state: TrainState
+    skipped: list[str] = field(default_factory=list)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
@@ -87,8 +109,7 @@ def save_checkpoint(
     final = root / f"checkpoint-{state.step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-", dir=root))
     try:
-        adapter = {n: p.detach() for n, p in transformer.named_parameters() if ".lora_A." in n or ".lora_B." in n}
-        atomic_save_safetensors(tmp / "adapter.safetensors", adapter)
+        atomic_save_safetensors(tmp / "adapter.safetensors", adapter_state(transformer))
         opt_tensors, opt_rest = _split_optimizer(optimizer.state_dict())
         opt_tensors["rng.generator"] = state.generator
         opt_tensors["rng.torch"] = state.torch_rng
@@ -99,7 +120,7 @@ def save_checkpoint(
             "batch_in_epoch": state.batch_in_epoch,
             "prior_epoch": state.prior_epoch,
             "prior_batch_in_epoch": state.prior_batch_in_epoch,
-            "losses": state.losses,
+            "losses": list(state.losses),
             "scheduler": scheduler.state_dict(),
             "optimizer": opt_rest,
             "config": config,
@@ -126,18 +147,7 @@ def load_checkpoint(path: str | os.PathLike, transformer, optimizer: torch.optim
             f"{path} is not a training checkpoint (no state.json); pick a checkpoint-<step> folder"
         )
     info = json.loads((path / "state.json").read_text())
-    adapter = load_file(str(path / "adapter.safetensors"))
-    params = dict(transformer.named_parameters())
-    missing = sorted(set(adapter) ^ {n for n in params if ".lora_A." in n or ".lora_B." in n})
-    if missing:
-        raise ValueError(
-            f"{path.name} was saved for other LoRA targets or rank ({missing[:3]} differ); resume with the same settings"
-        )
-    with torch.no_grad():
-        for name, value in adapter.items():
-            if params[name].shape != value.shape:
-                raise ValueError(f"{path.name}: {name} has shape {tuple(value.shape)}, the run has a different rank")
-            params[name].copy_(value)
+    load_adapter_state(transformer, load_file(str(path / "adapter.safetensors")), path.name)
     tensors = load_file(str(path / "optimizer.safetensors"))
     optimizer.load_state_dict(_join_optimizer(tensors, info["optimizer"]))
     scheduler.load_state_dict(info["scheduler"])
@@ -151,3 +161,16 @@ def load_checkpoint(path: str | os.PathLike, transformer, optimizer: torch.optim
         prior_epoch=info.get("prior_epoch", 0),
         prior_batch_in_epoch=info.get("prior_batch_in_epoch", 0),
     )
+
+
+def restore_checkpoint(
+    path: str | os.PathLike | None, root: str | os.PathLike | None, transformer, optimizer, scheduler
+) -> Restored:
+    """Restore ``path``, or with ``path=None`` the newest checkpoint in ``root``."""
+    if path is None:
+        path = latest_checkpoint(root) if root is not None else None
+        if path is None:
+            raise FileNotFoundError(f"resume: no checkpoint found in {root}")
+    state = load_checkpoint(path, transformer, optimizer, scheduler)
+    logger.info("resumed from %s at step %d", path, state.step)
+    return Restored(Path(path), state)

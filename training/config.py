@@ -94,10 +94,6 @@ class TrainConfig:
         need(self.validation_steps >= 1, "validation_steps", "must be >= 1")
         need(self.apg_norm_threshold >= 0, "apg_norm_threshold", "must be >= 0 (0 disables clipping)")
 
-    @property
-    def samples_per_step(self) -> int:
-        return self.batch_size * self.grad_accum
-
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

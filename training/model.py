@@ -226,17 +226,17 @@ def lora_target_modules(transformer, preset: str, blocks: str = "", exclude_bloc
     names = []
     for name, module in transformer.named_modules():
         match = re.match(r"transformer_blocks\.(\d+)\.(.+)$", name)
-        if match and int(match.group(1)) in chosen and match.group(2) in suffixes and _is_linear(module):
+        # isinstance also admits optimum-quanto's QLinear (a torch.nn.Linear subclass) on a quantised base
+        if (
+            match
+            and int(match.group(1)) in chosen
+            and match.group(2) in suffixes
+            and isinstance(module, torch.nn.Linear)
+        ):
             names.append(name)
     if not names:
         raise ValueError(f"preset {preset!r} with blocks {blocks or 'all'!r} selects no layer to train")
     return names
-
-
-def _is_linear(module: torch.nn.Module) -> bool:
-    if isinstance(module, torch.nn.Linear):
-        return True
-    return type(module).__name__ == "QLinear"  # optimum-quanto's quantised Linear
 
 
 @dataclass(frozen=True)
@@ -251,6 +251,7 @@ def add_lora(
     transformer, rank: int, alpha: float, targets: list[str], dropout: float = 0.0, seed: int = 0
 ) -> LoraSpec:
     """Attach a fresh peft LoRA adapter (``default``) to ``targets``; only its weights train, in fp32."""
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
 
     transformer.requires_grad_(False)
@@ -260,13 +261,48 @@ def add_lora(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         transformer.add_adapter(config)
-    for param in lora_parameters(transformer):
-        param.data = param.data.float()
+    cast_training_params(transformer, torch.float32)
     return LoraSpec(rank=rank, alpha=float(alpha), dropout=dropout, targets=tuple(targets))
 
 
 def lora_parameters(transformer) -> list[torch.nn.Parameter]:
-    return [p for n, p in transformer.named_parameters() if ".lora_A." in n or ".lora_B." in n]
+    """The adapter's parameters: after ``add_lora`` they are the only ones that train."""
+    if not getattr(transformer, "peft_config", None):
+        raise ValueError("the transformer carries no LoRA; call model.add_lora first")
+    return [p for p in transformer.parameters() if p.requires_grad]
+
+
+def adapter_state(transformer) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under peft's names (``<module>.lora_A.weight``), as checkpoints store them."""
+    from peft.utils import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(transformer)
+
+
+def adapter_mismatch(want: dict[str, tuple[int, ...]], have: dict[str, tuple[int, ...]]) -> str | None:
+    """Why tensors of shapes ``have`` cannot be the adapter with shapes ``want`` (None if they can)."""
+    if want.keys() != have.keys():
+        differ = sorted(want.keys() ^ have.keys())
+        return f"it holds other LoRA targets ({len(differ)} names differ, e.g. {differ[0]})"
+    for name, shape in want.items():
+        if tuple(have[name]) != tuple(shape):
+            return f"{name} has shape {tuple(have[name])} where this run's adapter has {tuple(shape)} (another rank)"
+    return None
+
+
+def load_adapter_state(transformer, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Set the adapter's weights in place from ``tensors`` (names as ``adapter_state`` gives them).
+
+    The one way an adapter gets weights from outside: checkpoints, and a LoRA to start from. Refuses
+    tensors for other targets or another rank, naming ``where``.
+    """
+    from peft.utils import set_peft_model_state_dict
+
+    want = {k: tuple(v.shape) for k, v in adapter_state(transformer).items()}
+    why = adapter_mismatch(want, {k: tuple(v.shape) for k, v in tensors.items()})
+    if why:
+        raise ValueError(f"{where} does not fit this run's LoRA: {why}; use the same preset, blocks and rank")
+    set_peft_model_state_dict(transformer, tensors)
 
 
 def count_trainable(transformer) -> int:

@@ -8,10 +8,8 @@ so a failed or cancelled run leaves nothing half-written in the LoRA folder.
 
 from __future__ import annotations
 
-import gc
 import logging
 import os
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,25 +19,21 @@ import torch
 from .config import TrainConfig
 from .data import TrainingSource
 from .export import PACK_VERSION, export_lora
-from .loop import OnStep, check_source, train
-from .model import LoraSpec, add_lora, count_trainable, load_transformer, lora_target_modules, quantize_base
-from .validate import SampleSettings, sample_prompts
+from .loop import OnStep, Trainer, TrainResult, grad_enabled
+from .model import add_lora, count_trainable, load_transformer, lora_target_modules, quantize_base
+from .validate import Decode, OnValidation, SampleSettings, Validation
 
 logger = logging.getLogger(__name__)
-
-Decode = Callable[[torch.Tensor], torch.Tensor]  # latents [N,C,h,w] (transformer space) -> images [N,H,W,3] in 0..1
 
 
 @dataclass
 class RunOutput:
     lora_path: Path
     losses: list[float]
-    spec: LoraSpec
     trainable: int
-    transformer: Any
-    validation_images: list[Path] = field(default_factory=list)
-    validation: dict[str, torch.Tensor] = field(default_factory=dict)  # latest latents per guidance
-    decoded: dict[str, torch.Tensor] = field(default_factory=dict)  # the same, decoded [N,H,W,3]
+    decoded: dict[str, torch.Tensor] = field(default_factory=dict)  # latest validation samples [N,H,W,3] per guidance
+    resumed_from: Path | None = None  # the checkpoint the run continued from
+    damaged: list[str] = field(default_factory=list)  # newer checkpoints skipped on resume, each with its reason
 
 
 def check_compatible(meta: dict[str, Any], config: Any) -> None:
@@ -59,7 +53,7 @@ def check_compatible(meta: dict[str, Any], config: Any) -> None:
 
 
 def prepare_model(base_model: str | os.PathLike, cfg: TrainConfig, device: str | torch.device = "cpu"):
-    """Load the base, quantise and freeze it if asked, then attach the LoRA."""
+    """The model a run trains: load the base, quantise and freeze it if asked, attach the LoRA, move to ``device``."""
     transformer = load_transformer(base_model, cfg.base_dtype)
     quantize_base(transformer, cfg.quantization)
     targets = lora_target_modules(transformer, cfg.preset, cfg.blocks, cfg.exclude_blocks)
@@ -79,20 +73,7 @@ def sample_settings(cfg: TrainConfig) -> SampleSettings:
     )
 
 
-def save_pngs(images: torch.Tensor, folder: Path, stem: str) -> list[Path]:
-    from PIL import Image
-
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i, image in enumerate(images):
-        path = folder / f"{stem}_{i:02d}.png"
-        tmp = path.with_suffix(".tmp.png")
-        Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype("uint8")).save(tmp)
-        os.replace(tmp, path)
-        paths.append(path)
-    return paths
-
-
+@grad_enabled()  # weights loaded as inference tensors (inside ComfyUI) could not take part in the backward pass
 def run_training(
     base_model: str | os.PathLike,
     source: TrainingSource,
@@ -106,78 +87,37 @@ def run_training(
     decode: Decode | None = None,
     accelerator=None,
     prior: TrainingSource | None = None,
+    on_validation: OnValidation | None = None,
 ) -> RunOutput:
     """Train a LoRA on ``source`` and write it to ``lora_path``; checkpoints and samples go to ``work_dir``.
 
-    Runs outside ``torch.inference_mode`` even when called inside it (ComfyUI): weights loaded as
-    inference tensors could not take part in the backward pass.
+    ``on_step(StepInfo)`` after every optimizer step and ``on_validation(step, done, total)`` during
+    validation sampling may raise to cancel; the finished steps are then checkpointed for ``resume``.
     """
-    with torch.inference_mode(False), torch.enable_grad():
-        return _run(
-            base_model, source, cfg, lora_path, work_dir, on_step, resume, info, device, decode, accelerator, prior
-        )
-
-
-def _run(
-    base_model: str | os.PathLike,
-    source: TrainingSource,
-    cfg: TrainConfig,
-    lora_path: str | os.PathLike,
-    work_dir: str | os.PathLike,
-    on_step: OnStep | None,
-    resume: str | os.PathLike | bool | None,
-    info: dict[str, Any] | None,
-    device: str | torch.device,
-    decode: Decode | None,
-    accelerator,
-    prior: TrainingSource | None,
-) -> RunOutput:
-    world = accelerator.num_processes if accelerator is not None else 1
-    main = accelerator is None or accelerator.is_main_process
-    check_source(source, cfg, world)
+    trainer = Trainer(source, cfg, prior, accelerator)
     transformer, spec = prepare_model(base_model, cfg, device)
-    check_compatible(source.meta, transformer.config)
-    if prior is not None:
-        check_source(prior, cfg, world)
-        check_compatible(prior.meta, transformer.config)
+    for data in (source, prior):
+        if data is not None:
+            check_compatible(data.meta, transformer.config)
     trainable = count_trainable(transformer)
     logger.info("training %d LoRA parameters on %d modules of %s", trainable, len(spec.targets), base_model)
     work_dir = Path(work_dir)
-    prompts = source.validation_prompts()
-    first = next(source.batches(1, cfg.seed, 0, drop_last=True))
-    shape = tuple(first.latents.shape[1:])
-    written: list[Path] = []
-    latest: dict[str, torch.Tensor] = {}
-    decoded: dict[str, torch.Tensor] = {}
+    validation = Validation(transformer, source, sample_settings(cfg), work_dir / "validation", decode, on_validation)
+    result = trainer.fit(transformer, work_dir, on_step, resume, validation if cfg.validation_every else None)
+    if trainer.main and (not cfg.validation_every or cfg.steps % cfg.validation_every):
+        validation(cfg.steps)
+    path = Path(lora_path)
+    if trainer.main:
+        export_lora(transformer, spec, path, _lora_info(base_model, source, cfg, result, info), cfg.save_dtype)
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    return RunOutput(path, result.losses, trainable, validation.decoded, result.resumed_from, result.damaged)
 
-    def validate(step: int) -> list[Path]:
-        nonlocal latest, decoded
-        if not prompts:
-            return []
-        latest = sample_prompts(transformer, prompts, source.empty_text(), shape, sample_settings(cfg))
-        if decode is None:
-            return []
-        decoded = {g: decode(lat) for g, lat in latest.items()}
-        files = [
-            p for g, img in decoded.items() for p in save_pngs(img, work_dir / "validation", f"step{step:06d}_{g}")
-        ]
-        written.extend(files)
-        return files
 
-    result = train(
-        transformer,
-        source,
-        cfg,
-        work_dir=work_dir,
-        on_step=on_step,
-        resume=resume,
-        validate=validate if cfg.validation_every else None,
-        accelerator=accelerator,
-        prior=prior,
-    )
-    if main and prompts and (not cfg.validation_every or cfg.steps % cfg.validation_every):
-        validate(cfg.steps)
-    meta = {
+def _lora_info(base_model, source: TrainingSource, cfg: TrainConfig, result: TrainResult, extra) -> dict[str, Any]:
+    """The run's facts for the LoRA file's header."""
+    losses = result.losses
+    return {
         "base_model": Path(base_model).name,
         "steps": result.step,
         "learning_rate": cfg.learning_rate,
@@ -185,21 +125,6 @@ def _run(
         "seed": cfg.seed,
         "pack_version": PACK_VERSION,
         "config": cfg.to_dict(),
-        "final_loss": result.losses[-1] if result.losses else None,
-        **(info or {}),
+        "final_loss": losses[-1] if losses else None,
+        **(extra or {}),
     }
-    path = Path(lora_path)
-    if main:
-        export_lora(transformer, spec, path, meta, dtype=cfg.save_dtype)
-    if accelerator is not None:
-        accelerator.wait_for_everyone()
-    return RunOutput(path, result.losses, spec, trainable, transformer, written, latest, decoded)
-
-
-def release(output: RunOutput | None) -> None:
-    """Drop the trainer's model and give memory back."""
-    if output is not None:
-        output.transformer = None
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()

@@ -5,11 +5,19 @@ schedule. At each step both guidances are formed on denoised (x0) predictions, t
 defined in, with ``apg.guidance`` (the pack's one implementation of the math): CFG as
 ``D_u + w·(D_c − D_u)``, APG as the paper's Algorithm 1. Decoding to pixels is the caller's job
 (the node passes ComfyUI's VAE), so no VAE is ever loaded here.
+
+:class:`Validation` is what a training run calls every ``validation_every`` steps: sample every
+validation prompt with both guidances, decode, write PNGs. Its ``on_validation(step, done, total)``
+hook is called before sampling and after every transformer evaluation (``total`` counts both
+guidances); it may raise, which is how a Cancel between validation evaluations stops the run.
 """
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -50,10 +58,12 @@ def sample(
     shape: tuple[int, int, int],
     settings: SampleSettings,
     guidance: str = "cfg",
+    after_eval: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """Sample one latent per prompt row of ``cond`` ([N, L, D]); returns [N, C, h, w] in the transformer's space.
 
     ``guidance``: ``"cfg"`` or ``"apg"``; with scale 1 both are the plain conditional sampler.
+    ``after_eval``: called after every transformer evaluation (one per sampler step).
     """
     apg = _guidance()
     device, dtype = transformer.pos_embed.proj.weight.device, base_dtype(transformer)
@@ -81,6 +91,8 @@ def sample(
             x0 = apg.cfg(x0_cond, x0_uncond, settings.scale)
         # Euler on the ODE dx/dσ = (x − x0) / σ
         x = x + (x - x0) / sigma * (sigma_next - sigma)
+        if after_eval is not None:
+            after_eval()
     return x.cpu()
 
 
@@ -90,13 +102,87 @@ def sample_prompts(
     empty: tuple[torch.Tensor, torch.Tensor],
     shape: tuple[int, int, int],
     settings: SampleSettings,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """CFG and APG latents for every validation prompt, same seed: ``{"cfg": [N,C,h,w], "apg": [N,C,h,w]}``."""
+    """CFG and APG latents for every validation prompt, same seed: ``{"cfg": [N,C,h,w], "apg": [N,C,h,w]}``.
+
+    ``progress(done, total)``: called with 0 first, then after every transformer evaluation; may raise.
+    """
     cond = torch.cat([c if c.dim() == 3 else c[None] for _, c, _ in prompts])
     pooled = torch.cat([p if p.dim() == 2 else p[None] for _, _, p in prompts])
+    guidances = ("cfg", "apg")
+    total, done = len(guidances) * settings.steps, 0
+
+    def after_eval() -> None:
+        nonlocal done
+        done += 1
+        progress(done, total)
+
+    if progress is not None:
+        progress(0, total)
     was_training = transformer.training
     transformer.eval()
     try:
-        return {g: sample(transformer, cond, pooled, empty[0], empty[1], shape, settings, g) for g in ("cfg", "apg")}
+        return {
+            g: sample(
+                transformer, cond, pooled, empty[0], empty[1], shape, settings, g, after_eval if progress else None
+            )
+            for g in guidances
+        }
     finally:
         transformer.train(was_training)
+
+
+OnValidation = Callable[[int, int, int], None]  # (training step, evaluations done, evaluations in all); may raise
+Decode = Callable[[torch.Tensor], torch.Tensor]  # latents [N,C,h,w] (transformer space) -> images [N,H,W,3] in 0..1
+
+
+class Validation:
+    """Validation samples of a training run: every validation prompt of ``source`` with CFG and APG,
+    at the size of the source's first sample, decoded and written as PNGs under ``folder``."""
+
+    def __init__(
+        self,
+        transformer,
+        source,
+        settings: SampleSettings,
+        folder: str | os.PathLike,
+        decode: Decode | None = None,
+        on_validation: OnValidation | None = None,
+    ) -> None:
+        self.transformer, self.source, self.settings, self.folder = transformer, source, settings, Path(folder)
+        self.decode, self.on_validation = decode, on_validation
+        self.prompts = source.validation_prompts()
+        self.decoded: dict[str, torch.Tensor] = {}  # the latest samples, decoded [N,H,W,3] per guidance
+
+    def __call__(self, step: int) -> None:
+        if not self.prompts:
+            return
+        hook = self.on_validation
+        progress = (lambda done, total: hook(step, done, total)) if hook is not None else None
+        first = next(self.source.batches(1, self.settings.seed, 0, drop_last=True))
+        shape = tuple(first.latents.shape[1:])
+        latents = sample_prompts(
+            self.transformer, self.prompts, self.source.empty_text(), shape, self.settings, progress
+        )
+        if self.decode is None:
+            return
+        self.decoded = {g: self.decode(lat) for g, lat in latents.items()}
+        for g, images in self.decoded.items():
+            save_pngs(images, self.folder, f"step{step:06d}_{g}")
+
+
+def save_pngs(images: torch.Tensor, folder: str | os.PathLike, stem: str) -> list[Path]:
+    """``folder/<stem>_<i>.png`` for every image of [N,H,W,3] in 0..1, each written atomically."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        path = folder / f"{stem}_{i:02d}.png"
+        tmp = path.with_suffix(".tmp.png")
+        Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype("uint8")).save(tmp)
+        os.replace(tmp, path)
+        paths.append(path)
+    return paths
