@@ -171,6 +171,15 @@ def publish_folder(src: StrPath, dst: StrPath) -> Path:
     return dst
 
 
+def remove_folder(path: StrPath) -> None:
+    """Delete a folder without it ever being seen half-deleted: it is first renamed to a temp name (which
+    :func:`remove_stale_temps` finishes off should this process be killed), then removed."""
+    path = Path(path)
+    trash = path.parent / f"{_temp_prefix(path.name)}{secrets.token_hex(4)}.tmp"
+    os.rename(path, trash)
+    _remove(trash)
+
+
 @contextmanager
 def atomic_folder(path: StrPath) -> Iterator[Path]:
     """Yield a fresh temp folder beside ``path``; fill it, and on a clean exit it replaces ``path`` whole."""

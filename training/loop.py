@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import Restored, TrainState, restore_checkpoint, save_checkpoint
+from .checkpoint import Restored, TrainState, clean_work_dir, restore_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import Batch, TrainingSource
 from .loss import flow_matching_loss, sample_sigmas
@@ -134,7 +134,7 @@ class Trainer:
                     while run.state.step < self.cfg.steps:
                         info = run.optimizer_step()
                         run.after_step(info, validate, on_step)
-                    run.save()
+                    run.save_unsaved_progress()
                 except BaseException as err:
                     run.optimizer.zero_grad(set_to_none=True)
                     if not isinstance(err, NonFiniteLossError):  # Cancel or an error: keep the finished steps
@@ -203,6 +203,10 @@ class _Run:
         self.device = self.params[0].device
         self.optimizer = make_optimizer(self.params, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
+        if self.work_dir is not None and self.main:
+            clean_work_dir(self.work_dir)  # temps of killed runs; a checkpoint a killed save moved aside
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
         self.resumed = self.restore(resume) if resume else None
         self.state = self.resumed.state if self.resumed else TrainState.fresh(cfg.seed)
         self.start = self.saved_step = self.state.step  # saved_step: the newest step on disk
@@ -340,7 +344,7 @@ class _Run:
             self.accelerator.wait_for_everyone()
 
     def save_unsaved_progress(self) -> None:
-        """After an interruption: checkpoint the last finished step unless it is on disk already."""
+        """Checkpoint the last finished step, if this run finished one that is not on disk yet."""
         if self.state.step > self.start and self.saved_step != self.state.step:
             self.save()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from .fs import atomic_file
 from .loss import base_dtype, shift_sigmas
 
 
@@ -176,13 +177,10 @@ def save_pngs(images: torch.Tensor, folder: str | os.PathLike, stem: str) -> lis
     """``folder/<stem>_<i>.png`` for every image of [N,H,W,3] in 0..1, each written atomically."""
     from PIL import Image
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, image in enumerate(images):
-        path = folder / f"{stem}_{i:02d}.png"
-        tmp = path.with_suffix(".tmp.png")
-        Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype("uint8")).save(tmp)
-        os.replace(tmp, path)
+        path = Path(folder) / f"{stem}_{i:02d}.png"
+        with atomic_file(path) as tmp:
+            Image.fromarray((image.clamp(0, 1).numpy() * 255).round().astype("uint8")).save(tmp, format="PNG")
         paths.append(path)
     return paths

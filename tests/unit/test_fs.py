@@ -125,6 +125,25 @@ def test_a_folder_is_published_whole_and_replaces_the_old_one_only_at_the_end(tm
     assert _hidden(tmp_path) == []
 
 
+def test_a_folder_is_removed_without_ever_being_seen_half_deleted(tmp_path: Path, monkeypatch) -> None:
+    old = tmp_path / "checkpoint-000002"
+    old.mkdir()
+    (old / "a.bin").write_bytes(b"x")
+    (old / "b.bin").write_bytes(b"y")
+
+    def killed(path: Path) -> None:  # the process dies while deleting the renamed folder's files
+        (path / "a.bin").unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fs, "_remove", killed)
+    with pytest.raises(KeyboardInterrupt):
+        fs.remove_folder(old)
+    monkeypatch.undo()
+    assert not old.exists() and len(_hidden(tmp_path)) == 1  # only a temp name holds the half-deleted rest
+    fs.remove_stale_temps(tmp_path, locked=True)
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_planted_symlink_at_the_target_is_replaced_never_followed(tmp_path: Path) -> None:
     outside = tmp_path / "victim"
     outside.mkdir()
