@@ -11,7 +11,7 @@ The config file (JSON or TOML) names the inputs at the top level and the trainin
     # tensors = "/data/pre_encoded.safetensors"  # latents/cond/pooled in one file
     output = "/models/loras/my_style.safetensors"
     work_dir = "/runs/my_style"               # checkpoints + validation images (default: next to output)
-    resume = false                            # true: newest checkpoint in work_dir; or a checkpoint path
+    resume = false                            # true: newest intact checkpoint in work_dir; or a checkpoint path
     prior = { cache = "/data/sd35_cache/class_images" }   # optional DreamBooth class data (prior_loss_weight)
 
     [train]
