@@ -1,12 +1,6 @@
-"""Load an SD3 / SD3.5 transformer into diffusers' ``SD3Transformer2DModel`` and attach a LoRA.
+"""LoRA on an SD3 / SD3.5 transformer: target presets, block ranges, attaching the adapter.
 
-Why this module exists: ComfyUI users keep single-file checkpoints (Stability's MMDiT keys, with or
-without ``model.diffusion_model.``, or diffusers keys) in ``checkpoints/`` and ``diffusion_models/``.
-diffusers' own single-file loader wants a hub config; instead the config is derived here from the
-checkpoint's tensor shapes, so nothing is ever downloaded and every SD3 size (Medium, 3.5 Medium,
-3.5 Large, tiny test models) loads through one path. Wrong families (SDXL, Flux, ...) are refused
-with a message that names them.
-
+Loading and quantising the base lives in ``training.loading`` (re-exported here for existing callers).
 LoRA targets are chosen by preset and block range and listed as full module names, so the adapter
 covers exactly what was asked. A quantised base is quantised and frozen *before* the adapter is
 added (the other order quantises the LoRA itself).
@@ -14,22 +8,25 @@ added (the other order quantises the LoRA itself).
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import re
-from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 
-logger = logging.getLogger(__name__)
+from .loading import (  # noqa: F401  (re-exported: the loader's public names)
+    DTYPES,
+    QUANT,
+    STABILITY_PREFIX,
+    ModelLoadError,
+    config_from_state_dict,
+    detect_family,
+    load_base,
+    load_transformer,
+    quantize_base,
+)
 
-STABILITY_PREFIX = "model.diffusion_model."
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+logger = logging.getLogger(__name__)
 
 # Module-name suffixes inside one diffusers JointTransformerBlock.
 _X_ATTN = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn2.to_q", "attn2.to_k", "attn2.to_v")
@@ -48,151 +45,6 @@ PRESETS: dict[str, tuple[str, ...]] = {
     "x_stream": (*_X_ATTN, *_X_FF, "norm1.linear"),
     "context_stream": (*_CTX_ATTN, *_CTX_FF, "norm1_context.linear"),
 }
-
-
-class ModelLoadError(ValueError):
-    """A base model file that cannot be used: missing, wrong family or unreadable."""
-
-
-# -- family detection ----------------------------------------------------------------------------
-
-
-def detect_family(keys: Iterable[str]) -> str:
-    """Name the model family a state dict's keys belong to: ``sd3`` or a refused family.
-
-    Returns ``"sd3-stability"`` or ``"sd3-diffusers"`` for usable files; raises ModelLoadError
-    naming the family otherwise.
-    """
-    keys = set(keys)
-
-    def has(*candidates: str) -> bool:
-        return any(k in keys or STABILITY_PREFIX + k in keys for k in candidates)
-
-    if has("joint_blocks.0.context_block.adaLN_modulation.1.bias", "joint_blocks.0.x_block.attn.qkv.weight"):
-        return "sd3-stability"
-    if has("double_blocks.0.img_attn.qkv.weight") or "single_transformer_blocks.0.attn.to_q.weight" in keys:
-        raise ModelLoadError("it is a Flux model; SD3.5 Tuner trains SD3 / SD3.5 transformers only")
-    if "transformer_blocks.0.attn.add_q_proj.weight" in keys and "context_embedder.weight" in keys:
-        return "sd3-diffusers"
-    if has("input_blocks.0.0.weight") or any(k.startswith("conditioner.embedders.") for k in keys):
-        raise ModelLoadError("it is an SD1.x/SDXL UNet checkpoint; SD3.5 Tuner trains SD3 / SD3.5 transformers only")
-    if any(k.startswith(("double_blocks.", "single_blocks.")) for k in keys):
-        raise ModelLoadError("it looks like a Flux model; SD3.5 Tuner trains SD3 / SD3.5 transformers only")
-    sample = ", ".join(sorted(keys)[:3])
-    raise ModelLoadError(f"no SD3 transformer keys found (first keys: {sample}); pick an SD3 / SD3.5 checkpoint")
-
-
-def config_from_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Derive the ``SD3Transformer2DModel`` config from diffusers-keyed weights' shapes."""
-    proj = sd["pos_embed.proj.weight"]  # [hidden, in_channels, patch, patch]
-    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
-    blocks = {int(m.group(1)) for k in sd if (m := re.match(r"transformer_blocks\.(\d+)\.", k))}
-    qk_norm = "transformer_blocks.0.attn.norm_q.weight" in sd
-    head_dim = sd["transformer_blocks.0.attn.norm_q.weight"].shape[0] if qk_norm else 64
-    pos = sd.get("pos_embed.pos_embed")
-    if pos is None:
-        raise ModelLoadError("the checkpoint has no pos_embed tensor; it is not a complete SD3 transformer")
-    return {
-        "sample_size": 128,
-        "patch_size": int(patch),
-        "in_channels": int(in_channels),
-        "out_channels": int(sd["proj_out.weight"].shape[0] // (patch * patch)),
-        "num_layers": len(blocks),
-        "attention_head_dim": int(head_dim),
-        "num_attention_heads": int(hidden // head_dim),
-        "joint_attention_dim": int(sd["context_embedder.weight"].shape[1]),
-        "caption_projection_dim": int(sd["context_embedder.weight"].shape[0]),
-        "pooled_projection_dim": int(sd["time_text_embed.text_embedder.linear_1.weight"].shape[1]),
-        "pos_embed_max_size": int(math.isqrt(pos.shape[1])),
-        "dual_attention_layers": tuple(sorted(i for i in blocks if f"transformer_blocks.{i}.attn2.to_q.weight" in sd)),
-        "qk_norm": "rms_norm" if qk_norm else None,
-    }
-
-
-# -- loading -------------------------------------------------------------------------------------
-
-
-def _read_transformer_tensors(path: Path) -> dict[str, torch.Tensor]:
-    """Read only the transformer's tensors of a single-file checkpoint, as diffusers keys."""
-    from safetensors import safe_open
-
-    try:
-        handle = safe_open(str(path), framework="pt")
-    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
-        raise ModelLoadError(f"cannot read {path.name} as safetensors ({err})") from err
-    with handle as f:
-        keys = list(f.keys())
-        family = detect_family(keys)
-        if family == "sd3-diffusers":
-            return {k: f.get_tensor(k) for k in keys}
-        wanted = [k for k in keys if not k.startswith(("first_stage_model.", "text_encoders.", "cond_stage_model."))]
-        state = {k.removeprefix(STABILITY_PREFIX): f.get_tensor(k) for k in wanted}
-    from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers
-
-    return convert_sd3_transformer_checkpoint_to_diffusers(dict(state))
-
-
-def load_transformer(path: str | os.PathLike, dtype: str = "fp32"):
-    """Load an SD3 / SD3.5 transformer from a single file or a diffusers folder, without any download.
-
-    ``path``: a ``.safetensors`` checkpoint (Stability keys, optionally under ``model.diffusion_model.``,
-    or diffusers keys), a diffusers model folder (``config.json`` + weights) or a pipeline folder with a
-    ``transformer/`` subfolder. ``dtype``: ``fp32``, ``bf16`` or ``fp16`` for the frozen base.
-    """
-    from diffusers import SD3Transformer2DModel
-
-    path = Path(path)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
-    if not path.exists():
-        raise ModelLoadError(f"base model {path} does not exist; put an SD3 / SD3.5 checkpoint there")
-    if path.is_dir():
-        folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
-        if not (folder / "config.json").exists():
-            raise ModelLoadError(f"{path} is a folder without config.json; give a diffusers SD3 transformer folder")
-        config = json.loads((folder / "config.json").read_text())
-        if config.get("_class_name") not in (None, "SD3Transformer2DModel"):
-            raise ModelLoadError(
-                f"{folder / 'config.json'} describes a {config['_class_name']}, not an SD3 transformer"
-            )
-        model = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=DTYPES[dtype], local_files_only=True)
-        return model.eval().requires_grad_(False)
-    if path.suffix != ".safetensors":
-        raise ModelLoadError(f"{path.name}: only .safetensors checkpoints are loaded (never pickle files)")
-    state = {
-        k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in _read_transformer_tensors(path).items()
-    }
-    config = config_from_state_dict(state)
-    with torch.device("meta"):
-        model = SD3Transformer2DModel(**config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if missing or unexpected:
-        raise ModelLoadError(
-            f"{path.name} does not match the SD3 layout derived from its shapes "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); the file may be truncated or a merge"
-        )
-    return model.eval().requires_grad_(False)
-
-
-# -- quantisation --------------------------------------------------------------------------------
-
-QUANT = ("none", "int8", "int4", "fp8")
-
-
-def quantize_base(transformer, quantization: str) -> None:
-    """Quantise the frozen base with optimum-quanto, then freeze it. Call before adding the LoRA."""
-    if quantization == "none":
-        return
-    if quantization not in QUANT:
-        raise ValueError(f"quantization must be one of {QUANT}, got {quantization!r}")
-    from optimum.quanto import freeze, qfloat8, qint4, qint8, quantize
-
-    weights = {"int8": qint8, "int4": qint4, "fp8": qfloat8}[quantization]
-    # The patch embedding, the embedders and the output projection are small and sensitive: keep them.
-    exclude = ["pos_embed*", "time_text_embed*", "context_embedder", "norm_out*", "proj_out"]
-    quantize(transformer, weights=weights, exclude=exclude)
-    freeze(transformer)
-    transformer.requires_grad_(False)
 
 
 # -- LoRA targets --------------------------------------------------------------------------------

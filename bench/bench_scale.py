@@ -1,0 +1,175 @@
+"""Real-size load / quantise / train benchmark: SD3.5-Medium- and Large-shaped random checkpoints.
+
+Writes the checkpoints in Stability's single-file layout (and ComfyUI's fp8-scaled variant) straight to
+disk tensor by tensor (never whole in RAM), cached under ``$SD35_TUNER_HOME/bench/``. Each measurement
+runs in a fresh Python process, so its peak RSS (VmHWM) is its own.
+
+    ~/.cache/sd35-tuner/venv/bin/python -m bench.bench_scale [--size medium|large] [--modes none,int8,int4]
+
+Prints per mode the load + prepare seconds and peak RSS / bf16 file size. Last line: the int8 ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import torch
+
+from tools import paths
+from tools.model_formats import FP8_MAX, is_quantisable, write_streamed
+
+REPO = Path(__file__).resolve().parents[1]
+PREFIX = "model.diffusion_model."
+
+# SD3.5 Medium's block shape (hidden 1536, qk RMS-norm, dual attention) with 12 of its 24 blocks; Large in full.
+SHAPES = {
+    "medium": dict(num_layers=12, num_attention_heads=24, dual_attention_layers=tuple(range(12)), pos=384),
+    "large": dict(num_layers=38, num_attention_heads=38, dual_attention_layers=(), pos=192),
+}
+
+
+def config(size: str) -> dict:
+    s = SHAPES[size]
+    hidden = 64 * s["num_attention_heads"]
+    return dict(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        out_channels=16,
+        num_layers=s["num_layers"],
+        attention_head_dim=64,
+        num_attention_heads=s["num_attention_heads"],
+        joint_attention_dim=4096,
+        caption_projection_dim=hidden,
+        pooled_projection_dim=2048,
+        pos_embed_max_size=s["pos"],
+        dual_attention_layers=s["dual_attention_layers"],
+        qk_norm="rms_norm",
+    )
+
+
+def mmdit_shapes(size: str) -> dict[str, tuple[int, ...]]:
+    from diffusers import SD3Transformer2DModel
+
+    from training.loading.mmdit import diffusers_to_mmdit
+
+    with torch.device("meta"):
+        model = SD3Transformer2DModel(**config(size))
+    return {k: tuple(v.shape) for k, v in diffusers_to_mmdit(model.state_dict()).items()}
+
+
+def _random(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+    if key.endswith(("ln_q.weight", "ln_k.weight")):
+        return torch.ones(shape)
+    std = 0.02 if key.endswith(".weight") or key.endswith("pos_embed") else 0.01
+    return torch.randn(shape, generator=g) * std
+
+
+def checkpoint(size: str, fp8: bool = False) -> Path:
+    """The cached random checkpoint (bf16, or ComfyUI fp8-scaled), written on first use."""
+    path = paths.HOME / "bench" / f"sd35_{size}_shaped{'_fp8_scaled' if fp8 else ''}.safetensors"
+    if path.exists():
+        return path
+    shapes = mmdit_shapes(size)
+    specs = [(PREFIX + "scaled_fp8", (0,), torch.float8_e4m3fn)] if fp8 else []
+    for k, shape in shapes.items():
+        if fp8 and is_quantisable(k, shape):
+            specs += [
+                (PREFIX + k, shape, torch.float8_e4m3fn),
+                (PREFIX + k[: -len(".weight")] + ".scale_weight", (), torch.float32),
+            ]
+        else:
+            specs.append((PREFIX + k, shape, torch.bfloat16))
+
+    def make(key: str, shape, dtype) -> torch.Tensor:
+        if key.endswith("scaled_fp8"):
+            return torch.empty(0, dtype=dtype)
+        if key.endswith(".scale_weight"):
+            w = _random(
+                key.removeprefix(PREFIX).removesuffix(".scale_weight") + ".weight",
+                shapes[key.removeprefix(PREFIX).removesuffix(".scale_weight") + ".weight"],
+            )
+            return (w.bfloat16().float().abs().max() / FP8_MAX[torch.float8_e4m3fn]).reshape(())
+        w = _random(key.removeprefix(PREFIX), shape).to(torch.bfloat16)
+        if dtype == torch.float8_e4m3fn:
+            scale = w.float().abs().max() / FP8_MAX[dtype]
+            return (w.float() / scale).to(dtype)
+        return w
+
+    print(f"writing {path} ...", flush=True)
+    return write_streamed(path, specs, make, {"sd35_tuner": f"random SD3.5-{size}-shaped benchmark model"})
+
+
+def peak_rss() -> int:
+    line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def child_load(path: str, mode: str) -> dict:
+    """Runs in a fresh process: load + quantise the base as the trainer does; seconds and peak RSS."""
+    try:
+        from training.loading import load_base
+    except ImportError:  # an older checkout (--compare): load, then quantise the whole model
+        from training.model import load_transformer, quantize_base
+
+        start = time.perf_counter()
+        model = load_transformer(path, "bf16")
+        quantize_base(model, mode)
+    else:
+        start = time.perf_counter()
+        model = load_base(path, "bf16", mode)
+    return {"total_s": time.perf_counter() - start, "rss": peak_rss()}
+
+
+def run_child(*args: str, repo: Path = REPO) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.bench_scale", "--child", *args],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if out.returncode:
+        raise RuntimeError(f"child {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=sorted(SHAPES), default="medium")
+    parser.add_argument("--modes", default="none,int8,int4")
+    parser.add_argument("--compare", type=Path, help="an older checkout to measure side by side (e.g. main)")
+    parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        kind, *rest = args.child
+        print(json.dumps({"load": child_load}[kind](*rest)))
+        return
+    path = checkpoint(args.size)
+    size = path.stat().st_size
+    print(f"{path.name}: {size / 2**30:.2f} GiB (bf16)")
+    ratios = {}
+    for mode in args.modes.split(","):
+        for label, repo in (("before", args.compare), ("now", REPO)):
+            if repo is None:
+                continue
+            r = run_child("load", str(path), mode, repo=repo)
+            ratios[mode] = r["rss"] / size
+            print(
+                f"file  {mode:5s} {label:6s} load+quantise {r['total_s']:6.1f} s  "
+                f"peak RSS {r['rss'] / 2**30:5.2f} GiB = {ratios[mode]:.2f} x bf16",
+                flush=True,
+            )
+    if "int8" in ratios:
+        print(f"int8 peak RSS / bf16 size = {ratios['int8']:.2f} (target <= 0.65)")
+
+
+if __name__ == "__main__":
+    main()
