@@ -14,6 +14,7 @@ import torch
 
 PROGRESS_EVENT = "sd35tuner.train.progress"
 MODEL_FOLDERS = ("checkpoints", "diffusion_models")
+RUNS_FOLDER = "sd35_tuner_runs"  # under ComfyUI's output folder: one folder of checkpoints + samples per LoRA name
 
 
 def base_model_options() -> list[str]:
@@ -28,6 +29,33 @@ def base_model_path(choice: str) -> Path:
             "put an SD3 / SD3.5 .safetensors file there and refresh"
         )
     return Path(path)
+
+
+def run_dir(lora_name: str) -> Path:
+    """``output/sd35_tuner_runs/<lora_name>``: checkpoints and validation samples of the run, keyed by the name
+    asked for (not the ``_2`` version written), so ``resume`` finds them. Confined to that folder."""
+    from ..training.fs import resolve_inside
+
+    runs = Path(folder_paths.get_output_directory()) / RUNS_FOLDER
+    return resolve_inside(runs, lora_name.strip().removesuffix(".safetensors"), "lora_name")
+
+
+def run_problems(lora_name: str, resume: bool) -> dict[str, str]:
+    """lora_name must make a LoRA file inside models/loras; ``resume`` needs a checkpoint of that name."""
+    from ..training.checkpoint import list_checkpoints
+    from ..training.export import output_path
+
+    try:
+        output_path(folder_paths.get_folder_paths("loras")[0], lora_name)
+        folder = run_dir(lora_name)
+    except ValueError as err:
+        return {"lora_name": str(err)}
+    if resume and not list_checkpoints(folder):
+        return {
+            "resume": f"resume: no checkpoint of '{lora_name}' to continue from in {folder}; untick resume to "
+            "start a fresh run, or set lora_name to the run you want to continue"
+        }
+    return {}
 
 
 def progress_stream(total: int, node_id: str | None):

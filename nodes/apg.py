@@ -14,6 +14,7 @@ import nodes as comfy_nodes
 
 from ..apg.schedule import REFERENCE_ELEMENTS, THRESHOLD_MODES, WINDOW_UNITS, GuidanceWindow
 from ._types import CATEGORY
+from ._validation import Choice, range_problems, verdict
 
 CATEGORY_APG = f"{CATEGORY}/sampling"
 WRAPPER_KEY = "sd35_tuner_apg"
@@ -42,7 +43,7 @@ def apg_inputs() -> list[io.Input]:
             tooltip="Clamp the L2 norm of each sample's guidance update to r. Default 15 (the paper's SDXL value). "
             "0 disables the clamp.",
         ),
-        io.Combo.Input(
+        Choice(
             "threshold_mode",
             options=list(THRESHOLD_MODES),
             default="scaled",
@@ -77,7 +78,7 @@ def apg_inputs() -> list[io.Input]:
             tooltip="Where APG stops acting, as a fraction of the run (1 = the end); plain CFG after. "
             "Default 1. Must not be below window_start.",
         ),
-        io.Combo.Input(
+        Choice(
             "window_unit",
             options=list(WINDOW_UNITS),
             default="steps",
@@ -108,14 +109,29 @@ def settings_from(
     )
 
 
-def check_window(window_start: float | None, window_end: float | None) -> bool | str:
-    if window_start is None or window_end is None:
-        return True
+def check_apg(
+    node: type[io.ComfyNode],
+    eta: float | None,
+    norm_threshold: float | None,
+    momentum: float | None,
+    window_start: float | None,
+    window_end: float | None,
+) -> bool | str:
+    """validate_inputs of every APG node: the widgets' ranges, then the library's checks (window order...)."""
+    from ..apg.patch import APGSettings
+
+    values = {"eta": eta, "norm_threshold": norm_threshold, "momentum": momentum}
+    problems = range_problems(node, **values, window_start=window_start, window_end=window_end)
+    for name, value in values.items():
+        try:
+            _ = name in problems or value is None or APGSettings(**{name: value})
+        except ValueError as err:
+            problems[name] = str(err)
     try:
-        GuidanceWindow(window_start, window_end)
+        _ = problems or None in (window_start, window_end) or GuidanceWindow(window_start, window_end)
     except ValueError as err:
-        return str(err)
-    return True
+        problems["window_start"] = str(err)
+    return verdict(problems)
 
 
 def patch_model(model, settings):
@@ -150,8 +166,10 @@ class SD35TunerAPG(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, window_start: float, window_end: float) -> bool | str:
-        return check_window(window_start, window_end)
+    def validate_inputs(
+        cls, eta: float, norm_threshold: float, momentum: float, window_start: float, window_end: float
+    ) -> bool | str:
+        return check_apg(cls, eta, norm_threshold, momentum, window_start, window_end)
 
     @classmethod
     def execute(cls, model, **kwargs) -> io.NodeOutput:
@@ -185,8 +203,10 @@ class SD35TunerAPGGuider(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, window_start: float, window_end: float) -> bool | str:
-        return check_window(window_start, window_end)
+    def validate_inputs(
+        cls, eta: float, norm_threshold: float, momentum: float, window_start: float, window_end: float
+    ) -> bool | str:
+        return check_apg(cls, eta, norm_threshold, momentum, window_start, window_end)
 
     @classmethod
     def execute(cls, model, positive, negative, cfg: float, **kwargs) -> io.NodeOutput:
@@ -231,13 +251,13 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
                     tooltip="Guidance scale w of both runs. Default 7 (high, where CFG oversaturates). "
                     "1 disables guidance, so both halves are the same.",
                 ),
-                io.Combo.Input(
+                Choice(
                     "sampler_name",
                     options=comfy.samplers.KSampler.SAMPLERS,
                     default="euler",
                     tooltip="Sampler of both runs, as in KSampler. Default euler.",
                 ),
-                io.Combo.Input(
+                Choice(
                     "scheduler",
                     options=comfy.samplers.KSampler.SCHEDULERS,
                     default="sgm_uniform",
@@ -263,8 +283,10 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, window_start: float, window_end: float) -> bool | str:
-        return check_window(window_start, window_end)
+    def validate_inputs(
+        cls, eta: float, norm_threshold: float, momentum: float, window_start: float, window_end: float
+    ) -> bool | str:
+        return check_apg(cls, eta, norm_threshold, momentum, window_start, window_end)
 
     @classmethod
     def execute(

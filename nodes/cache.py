@@ -120,7 +120,7 @@ class SD35TunerCacheLatents(io.ComfyNode):
                     tooltip="Folder of the cache, relative to ComfyUI's output (or temp) directory. Default "
                     "'sd35_cache/my_dataset'. Re-using a name updates that cache incrementally.",
                 ),
-                io.Combo.Input(
+                io.Combo.Input(  # checked in validate_inputs, with the cache name it is the base of
                     "location",
                     options=list(LOCATIONS),
                     default="output",
@@ -181,9 +181,11 @@ class SD35TunerCacheLatents(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, cache_name: str, location: str, **_) -> bool | str:
+    def validate_inputs(cls, cache_name: str | None, location: str | None) -> bool | str:
+        if location is not None and location not in LOCATIONS:
+            return f"location must be one of {list(LOCATIONS)}, got {location!r}"
         try:
-            cache_dir(cache_name, location)
+            _ = cache_name is None or cache_dir(cache_name, location or "output")
         except ValueError as err:
             return str(err)
         return True

@@ -18,6 +18,7 @@ from ..dataset.captioner import DEFAULT_PROMPT, caption_images, find_captioner, 
 from ..dataset.options import POLICIES
 from ._types import CATEGORY
 from ._types import Dataset as DatasetType
+from ._validation import Choice
 
 if TYPE_CHECKING:  # the libraries load on first use: ComfyUI imports every pack at start
     from ..dataset.manifest import Dataset
@@ -52,7 +53,7 @@ class Caption(io.ComfyNode):
                     tooltip=f"A model folder in models/{CAPTIONERS}/. Default '{KEEP}': no model runs, only the "
                     "template below is applied.",
                 ),
-                io.Combo.Input(
+                Choice(
                     "policy",
                     options=list(POLICIES),
                     default="fill_missing",
@@ -96,7 +97,7 @@ class Caption(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, captioner: str | None = None, **_: object) -> bool | str:
+    def validate_inputs(cls, captioner: str | None) -> bool | str:
         if captioner is None or captioner == KEEP:
             return True
         try:

@@ -23,6 +23,7 @@ from ..dataset.options import CAPTION_EXTENSIONS, FORMATS, MODES, TOO_SMALL
 from ..training.fs import is_inside, resolve_inside
 from ._types import CATEGORY
 from ._types import Dataset as DatasetType
+from ._validation import Choice
 
 if TYPE_CHECKING:  # the libraries load on first use: ComfyUI imports every pack at start
     from ..dataset.manifest import Dataset
@@ -80,11 +81,12 @@ class LoadDataset(io.ComfyNode):
             "a dataset manifest (paths and captions, no pixels). kohya 'N_name' subfolders set repeats. Unreadable "
             "files are skipped and listed in the report unless strict is on.",
             inputs=[
-                io.String.Input(
+                io.Combo.Input(  # not a Choice: a typed path (API, saved workflow) is accepted and checked below
                     "folder",
-                    default="sd35_tuner_sample",
-                    tooltip="Folder relative to ComfyUI's input folder (default 'sd35_tuner_sample'). Absolute paths "
-                    f"only inside a directory listed in the {ALLOWED_DIRS_ENV} environment variable.",
+                    options=folder_paths.get_input_subfolders(),
+                    tooltip="A folder of images inside ComfyUI's input folder (press R to refresh the list after "
+                    "adding one). A typed path relative to the input folder works too; absolute paths only inside a "
+                    f"directory listed in the {ALLOWED_DIRS_ENV} environment variable.",
                 ),
                 io.Boolean.Input(
                     "recursive", default=True, tooltip="Include subfolders. Default on; off reads the top level only."
@@ -97,7 +99,7 @@ class LoadDataset(io.ComfyNode):
                     tooltip="Times each image is seen per epoch. Default 0: taken from a kohya 'N_name' folder "
                     "prefix, else 1. Any value above 0 overrides the folder prefixes.",
                 ),
-                io.Combo.Input(
+                Choice(
                     "caption_extension",
                     options=list(CAPTION_EXT_CHOICES),
                     default=".txt, then .caption",
@@ -109,7 +111,7 @@ class LoadDataset(io.ComfyNode):
                     tooltip="Stop at the first unreadable image or caption without an image. Default off: they are "
                     "skipped and counted in the report.",
                 ),
-                io.Combo.Input(
+                Choice(
                     "background",
                     options=list(BACKGROUNDS),
                     default="white",
@@ -124,14 +126,16 @@ class LoadDataset(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder: str | None = None, **_: object) -> bool | str:
+    def validate_inputs(cls, folder: str | None) -> bool | str:
         if folder is None:  # linked from another node: checked when it runs
             return True
         try:
             path = resolve_dataset_folder(folder)
         except ValueError as err:
             return str(err)
-        return True if path.is_dir() else f"dataset folder '{folder}' not found ({path}); create it or pick another"
+        if not path.is_dir():
+            return f"folder: dataset folder '{folder}' not found ({path}); create it inside ComfyUI's input folder"
+        return True
 
     @classmethod
     def fingerprint_inputs(cls, folder: str, **_: object) -> str:
@@ -172,7 +176,7 @@ class SmartCrop(io.ComfyNode):
             "region (spectral residual). Records the box and the reason; never writes to the source folder.",
             inputs=[
                 DatasetType.Input("dataset"),
-                io.Combo.Input(
+                Choice(
                     "mode",
                     options=list(MODES),
                     default="face_then_saliency",
@@ -213,7 +217,7 @@ class SmartCrop(io.ComfyNode):
                     tooltip="Largest enlargement allowed from crop to bucket. Default 1.5; 1 forbids upscaling; "
                     "0 disables the check.",
                 ),
-                io.Combo.Input(
+                Choice(
                     "too_small",
                     options=list(TOO_SMALL),
                     default="skip",
@@ -226,6 +230,14 @@ class SmartCrop(io.ComfyNode):
                 io.String.Output(display_name="report", tooltip="Counts per crop reason, skipped images, warnings."),
             ],
         )
+
+    @classmethod
+    def validate_inputs(cls, buckets: str | None) -> bool | str:
+        try:
+            _ = buckets and buckets.strip() and parse_buckets(buckets)
+        except ValueError as err:
+            return str(err)
+        return True
 
     @classmethod
     def execute(
@@ -338,7 +350,7 @@ class SaveDataset(io.ComfyNode):
                     tooltip="Target folder relative to ComfyUI's output folder (default 'sd35_tuner_dataset'); "
                     "'..' and absolute paths are refused.",
                 ),
-                io.Combo.Input(
+                Choice(
                     "image_format",
                     options=list(FORMATS),
                     default="png",
@@ -357,11 +369,11 @@ class SaveDataset(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, folder: str | None = None, **_: object) -> bool | str:
+    def validate_inputs(cls, folder: str | None) -> bool | str:
         if folder is None:  # linked from another node: checked when it runs
             return True
         try:
-            resolve_inside(folder_paths.get_output_directory(), folder, "save folder")
+            resolve_inside(folder_paths.get_output_directory(), folder, "folder")
         except ValueError as err:
             return str(err)
         return True
@@ -370,7 +382,7 @@ class SaveDataset(io.ComfyNode):
     def execute(cls, dataset: Dataset, folder: str, image_format: str, overwrite: bool) -> io.NodeOutput:
         from ..dataset.save import save_dataset
 
-        target = resolve_inside(folder_paths.get_output_directory(), folder, "save folder")
+        target = resolve_inside(folder_paths.get_output_directory(), folder, "folder")
         saved = save_dataset(
             dataset, target, image_format=image_format, overwrite=overwrite, progress=progress_callback(len(dataset))
         )

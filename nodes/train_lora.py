@@ -16,8 +16,19 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
-from ._train_glue import apply_lora, base_model_options, base_model_path, progress_stream, vae_decoder, validation_grid
+from ._train_glue import (
+    RUNS_FOLDER,
+    apply_lora,
+    base_model_options,
+    base_model_path,
+    progress_stream,
+    run_dir,
+    run_problems,
+    vae_decoder,
+    validation_grid,
+)
 from ._types import CATEGORY, Cache, TrainSettings
+from ._validation import Choice, verdict
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +42,7 @@ PRESET_HELP = (
 class SD35TunerTrainLora(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from ..training.options import PRESET_NAMES
+        from ..training.options import PRESET_NAMES, QUANTIZATION
 
         return io.Schema(
             node_id="SD35TunerTrainLora",
@@ -45,7 +56,7 @@ class SD35TunerTrainLora(io.ComfyNode):
             hidden=[io.Hidden.unique_id, io.Hidden.extra_pnginfo],
             inputs=[
                 Cache.Input("cache", tooltip="The latent + text-embedding cache (Cache Latents node)."),
-                io.Combo.Input(
+                Choice(
                     "base_model",
                     options=base_model_options(),
                     tooltip="The SD3 / SD3.5 checkpoint to train on, from checkpoints/ or diffusion_models/.",
@@ -83,15 +94,21 @@ class SD35TunerTrainLora(io.ComfyNode):
                     step=0.01,
                     tooltip="LoRA alpha; strength scale is alpha/rank (folded into the saved file). Default 16.",
                 ),
-                io.Combo.Input("preset", options=list(PRESET_NAMES), default="attention", tooltip=PRESET_HELP),
-                io.Combo.Input(
+                Choice("preset", options=list(PRESET_NAMES), default="attention", tooltip=PRESET_HELP),
+                Choice(
                     "quantization",
-                    options=["none", "int8", "int4", "fp8"],
+                    options=list(QUANTIZATION),
                     default="none",
                     tooltip="Quantise the frozen base with optimum-quanto to save memory (int8 is the safe choice; "
                     "on CPU it is slower). Default 'none'.",
                 ),
                 io.Int.Input("seed", default=0, min=0, max=2**31 - 1, tooltip="Seed: same seed, same run."),
+                io.Boolean.Input(
+                    "resume",
+                    default=False,
+                    tooltip=f"Continue from the newest checkpoint in output/{RUNS_FOLDER}/<lora_name>/ (written "
+                    "every checkpoint_every steps, at the end and on Cancel). Default off: a fresh run.",
+                ),
                 TrainSettings.Input("settings", optional=True, tooltip="Advanced settings (Training Settings node)."),
                 Cache.Input(
                     "class_cache",
@@ -121,19 +138,8 @@ class SD35TunerTrainLora(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, base_model: str, lora_name: str, learning_rate: float, rank: int) -> bool | str:
-        from ..training.export import output_path
-
-        try:
-            base_model_path(base_model)
-            output_path(folder_paths.get_folder_paths("loras")[0], lora_name)
-        except ValueError as err:
-            return str(err)
-        if learning_rate <= 0:
-            return "learning_rate must be > 0; 1e-4 is a safe start"
-        if rank < 1:
-            return "rank must be >= 1"
-        return True
+    def validate_inputs(cls, lora_name: str, resume: bool) -> bool | str:
+        return verdict(run_problems(lora_name, resume))
 
     @classmethod
     def execute(
@@ -150,6 +156,7 @@ class SD35TunerTrainLora(io.ComfyNode):
         preset: str,
         quantization: str,
         seed: int,
+        resume: bool,
         settings: dict | None = None,
         class_cache=None,
         vae=None,
@@ -161,7 +168,6 @@ class SD35TunerTrainLora(io.ComfyNode):
         from ..training.run import run_training
 
         extra = dict(settings or {})
-        resume = extra.pop("resume", False)
         if epochs:
             steps = max(1, epochs * len(cache) // (batch_size * extra.get("grad_accum", 1)))
         base_dtype = "bf16" if comfy.model_management.should_use_bf16() else "fp32"
@@ -184,12 +190,7 @@ class SD35TunerTrainLora(io.ComfyNode):
             )
         loras = Path(folder_paths.get_folder_paths("loras")[0])
         lora_path = output_path(loras, lora_name)  # confined to models/loras; a taken name gets _2, _3...
-        # checkpoints are keyed by the name asked for, so 'resume' finds them whatever version gets written
-        work_dir = (
-            Path(folder_paths.get_output_directory())
-            / "sd35_tuner_runs"
-            / lora_name.strip().removesuffix(".safetensors")
-        )
+        work_dir = run_dir(lora_name)
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
         workflow = (cls.hidden.extra_pnginfo or {}).get("workflow")
@@ -203,7 +204,7 @@ class SD35TunerTrainLora(io.ComfyNode):
                 lora_path,
                 work_dir,
                 on_step=progress_stream(cfg.steps, cls.hidden.unique_id),
-                resume=resume and work_dir.is_dir(),
+                resume=resume,
                 info=info,
                 device=comfy.model_management.get_torch_device(),
                 decode=vae_decoder(vae),

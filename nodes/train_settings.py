@@ -7,12 +7,13 @@ from typing import Any
 from comfy_api.latest import io
 
 from ._types import CATEGORY, TrainSettings
+from ._validation import Choice, verdict
 
 
 class SD35TunerTrainSettings(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from ..training.options import LOSS_WEIGHTING, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLING
+        from ..training.options import DTYPE_NAMES, LOSS_WEIGHTING, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLING
 
         return io.Schema(
             node_id="SD35TunerTrainSettings",
@@ -32,8 +33,8 @@ class SD35TunerTrainSettings(io.ComfyNode):
                     tooltip="Blocks to keep frozen, e.g. '30-37' (the SD3.5 authors say it protects fine detail on "
                     "photos). Default empty = none.",
                 ),
-                io.Combo.Input("optimizer", options=list(OPTIMIZERS), default="adamw", tooltip=_OPT_HELP),
-                io.Combo.Input(
+                Choice("optimizer", options=list(OPTIMIZERS), default="adamw", tooltip=_OPT_HELP),
+                Choice(
                     "lr_scheduler",
                     options=list(SCHEDULES),
                     default="constant",
@@ -78,7 +79,7 @@ class SD35TunerTrainSettings(io.ComfyNode):
                 io.Float.Input(
                     "lora_dropout", default=0.0, min=0.0, max=0.9, step=0.01, tooltip="LoRA dropout. Default 0 = off."
                 ),
-                io.Combo.Input(
+                Choice(
                     "timestep_sampling",
                     options=list(TIMESTEP_SAMPLING),
                     default="logit_normal",
@@ -92,7 +93,7 @@ class SD35TunerTrainSettings(io.ComfyNode):
                     step=0.1,
                     tooltip="SD3 timestep shift toward noisier σ. Default 3.0; 1.0 disables the shift.",
                 ),
-                io.Combo.Input(
+                Choice(
                     "loss_weighting",
                     options=list(LOSS_WEIGHTING),
                     default="none",
@@ -103,15 +104,15 @@ class SD35TunerTrainSettings(io.ComfyNode):
                     default=False,
                     tooltip="Recompute activations in the backward pass: less memory, slower. Default off.",
                 ),
-                io.Combo.Input(
+                Choice(
                     "base_dtype",
-                    options=["fp32", "bf16", "fp16"],
+                    options=list(DTYPE_NAMES),
                     default="bf16",
                     tooltip="Precision of the frozen base weights (the LoRA always trains in fp32). Default bf16.",
                 ),
-                io.Combo.Input(
+                Choice(
                     "save_dtype",
-                    options=["bf16", "fp16", "fp32"],
+                    options=list(DTYPE_NAMES),
                     default="bf16",
                     tooltip="Precision of the saved LoRA file. Default bf16.",
                 ),
@@ -144,22 +145,19 @@ class SD35TunerTrainSettings(io.ComfyNode):
                     step=0.1,
                     tooltip="Guidance scale of the validation samples (CFG and APG). Default 4.0; 1.0 = unguided.",
                 ),
-                io.Boolean.Input(
-                    "resume",
-                    default=False,
-                    tooltip="Continue from the newest checkpoint of a run with the same LoRA name. Default off.",
-                ),
             ],
             outputs=[TrainSettings.Output(display_name="settings")],
         )
 
     @classmethod
-    def execute(cls, **settings: Any) -> io.NodeOutput:
-        from ..training.config import TrainConfig
+    def validate_inputs(cls, blocks: str, exclude_blocks: str) -> bool | str:
+        from ..training.config import config_problems
 
-        resume = settings.pop("resume")
-        TrainConfig(steps=settings["warmup_steps"] + 1, **settings)  # a bad value fails here, naming the field
-        return io.NodeOutput({**settings, "resume": resume})
+        return verdict(config_problems({"blocks": blocks, "exclude_blocks": exclude_blocks}))
+
+    @classmethod
+    def execute(cls, **settings: Any) -> io.NodeOutput:
+        return io.NodeOutput(settings)  # checked in full by the trainer's TrainConfig, with its own inputs
 
 
 _OPT_HELP = (

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -60,39 +62,9 @@ class TrainConfig:
     save_dtype: str = "bf16"
 
     def __post_init__(self) -> None:
-        def need(ok: bool, field: str, rule: str) -> None:
-            if not ok:
-                raise ValueError(f"{field} {rule}, got {getattr(self, field)!r}")
-
-        need(self.steps >= 1, "steps", "must be >= 1")
-        need(self.batch_size >= 1, "batch_size", "must be >= 1")
-        need(self.grad_accum >= 1, "grad_accum", "must be >= 1")
-        need(0 < self.learning_rate <= 1, "learning_rate", "must be in (0, 1]; 1e-4 is a safe start")
-        need(1 <= self.rank <= 1024, "rank", "must be in 1-1024")
-        need(self.alpha > 0, "alpha", "must be > 0 (alpha = rank gives scale 1)")
-        need(0 <= self.lora_dropout < 1, "lora_dropout", "must be in [0, 1)")
-        need(self.preset in PRESETS, "preset", f"must be one of {sorted(PRESETS)}")
-        need(self.base_dtype in DTYPES, "base_dtype", f"must be one of {sorted(DTYPES)}")
-        need(self.save_dtype in DTYPES, "save_dtype", f"must be one of {sorted(DTYPES)}")
-        need(self.quantization in QUANT, "quantization", f"must be one of {QUANT}")
-        need(self.optimizer in OPTIMIZERS, "optimizer", f"must be one of {OPTIMIZERS}")
-        need(self.weight_decay >= 0, "weight_decay", "must be >= 0")
-        need(self.lr_scheduler in SCHEDULES, "lr_scheduler", f"must be one of {SCHEDULES}")
-        need(0 <= self.warmup_steps < self.steps or self.warmup_steps == 0, "warmup_steps", "must be < steps")
-        need(self.lr_cycles >= 1, "lr_cycles", "must be >= 1")
-        need(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 disables clipping)")
-        need(self.timestep_sampling in TIMESTEP_SAMPLING, "timestep_sampling", f"must be one of {TIMESTEP_SAMPLING}")
-        need(self.logit_std > 0, "logit_std", "must be > 0")
-        need(self.shift > 0, "shift", "must be > 0 (1.0 disables the shift)")
-        need(self.loss_weighting in LOSS_WEIGHTING, "loss_weighting", f"must be one of {LOSS_WEIGHTING}")
-        need(0 <= self.caption_dropout <= 1, "caption_dropout", "must be in [0, 1]")
-        need(self.prior_loss_weight >= 0, "prior_loss_weight", "must be >= 0")
-        need(self.repeats >= 1, "repeats", "must be >= 1")
-        need(self.checkpoint_every >= 0, "checkpoint_every", "must be >= 0 (0: only at the end)")
-        need(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
-        need(self.validation_every >= 0, "validation_every", "must be >= 0 (0 disables validation)")
-        need(self.validation_steps >= 1, "validation_steps", "must be >= 1")
-        need(self.apg_norm_threshold >= 0, "apg_norm_threshold", "must be >= 0 (0 disables clipping)")
+        problems = config_problems(self.to_dict())
+        if problems:
+            raise ValueError("; ".join(problems.values()))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -107,6 +79,81 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"{source}: unknown setting(s) {unknown}; known: {sorted(known)}")
         return cls(**data)
+
+
+def _choice(options) -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v in options), f"must be one of {sorted(options)}"
+
+
+def _at_least(low: float, note: str = "") -> tuple[Callable[[Any], bool], str]:
+    return (lambda v: v >= low), f"must be >= {low:g}{note}"
+
+
+def _blocks_ok(spec: str) -> bool:
+    """Readable block list; indices are checked against the real model when it loads (SD3.5 Large has 38)."""
+    from .model import parse_blocks
+
+    try:
+        parse_blocks(spec, MAX_BLOCKS)
+    except ValueError:
+        return False
+    return True
+
+
+MAX_BLOCKS = 1000
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "steps": _at_least(1),
+    "batch_size": _at_least(1),
+    "grad_accum": _at_least(1),
+    "learning_rate": ((lambda v: 0 < v <= 1), "must be in (0, 1]; 1e-4 is a safe start"),
+    "rank": ((lambda v: 1 <= v <= 1024), "must be in 1-1024"),
+    "alpha": ((lambda v: v > 0), "must be > 0 (alpha = rank gives scale 1)"),
+    "lora_dropout": ((lambda v: 0 <= v < 1), "must be in [0, 1)"),
+    "preset": _choice(PRESETS),
+    "blocks": (_blocks_ok, "must list block indices like '12-24,30' (empty: every block)"),
+    "exclude_blocks": (_blocks_ok, "must list block indices like '30-37' (empty: none)"),
+    "base_dtype": _choice(DTYPES),
+    "save_dtype": _choice(DTYPES),
+    "quantization": _choice(QUANT),
+    "optimizer": _choice(OPTIMIZERS),
+    "weight_decay": _at_least(0),
+    "lr_scheduler": _choice(SCHEDULES),
+    "warmup_steps": _at_least(0),
+    "lr_cycles": _at_least(1),
+    "max_grad_norm": _at_least(0, " (0 disables clipping)"),
+    "timestep_sampling": _choice(TIMESTEP_SAMPLING),
+    "logit_std": ((lambda v: v > 0), "must be > 0"),
+    "shift": ((lambda v: v > 0), "must be > 0 (1.0 disables the shift)"),
+    "loss_weighting": _choice(LOSS_WEIGHTING),
+    "caption_dropout": ((lambda v: 0 <= v <= 1), "must be in [0, 1]"),
+    "prior_loss_weight": _at_least(0),
+    "repeats": _at_least(1),
+    "checkpoint_every": _at_least(0, " (0: only at the end)"),
+    "keep_checkpoints": _at_least(1),
+    "validation_every": _at_least(0, " (0 disables validation)"),
+    "validation_steps": _at_least(1),
+    "validation_cfg": _at_least(1, " (1 = unguided)"),
+    "apg_norm_threshold": _at_least(0, " (0 disables clipping)"),
+}
+
+
+def config_problems(values: Mapping[str, Any]) -> dict[str, str]:
+    """What is wrong with any subset of TrainConfig's fields: ``{field: "field must be ..., got X"}``.
+
+    The one check of training settings: ``TrainConfig`` runs it on every field, the nodes'
+    ``validate_inputs`` on the inputs they hold, so ComfyUI refuses a bad value before the run with the
+    same words. Floats must be finite; rules between two fields apply when both are given.
+    """
+    problems: dict[str, str] = {}
+    for name, value in values.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            problems[name] = f"{name} must be a finite number, got {value!r}"
+        elif name in _RULES and not _RULES[name][0](value):
+            problems[name] = f"{name} {_RULES[name][1]}, got {value!r}"
+    warmup, steps = values.get("warmup_steps"), values.get("steps")
+    if "warmup_steps" not in problems and warmup and steps is not None and warmup >= steps:
+        problems["warmup_steps"] = f"warmup_steps must be < steps ({steps}), got {warmup!r}"
+    return problems
 
 
 def read_config_file(path: str | os.PathLike) -> dict[str, Any]:

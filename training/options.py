@@ -9,3 +9,5 @@ SCHEDULES = ("constant", "linear", "cosine", "cosine_with_restarts", "polynomial
 TIMESTEP_SAMPLING = ("logit_normal", "mode", "uniform")
 LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 PRESET_NAMES = ("attention", "attention_ff", "all_linear", "x_stream", "context_stream")
+QUANTIZATION = ("none", "int8", "int4", "fp8")
+DTYPE_NAMES = ("fp32", "bf16", "fp16")

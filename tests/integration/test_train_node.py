@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-import urllib.error
 import uuid
 
 import pytest
@@ -127,26 +126,6 @@ def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, ba
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"rank": 0}, "rank"),
-        ({"learning_rate": 0.0}, "learning_rate"),
-        ({"lora_name": "../escape"}, "not a plain file name"),
-        ({"base_model": "missing.safetensors"}, "base_model"),
-    ],
-)
-def test_bad_widget_values_are_refused_before_running(comfy, base_prompt, change, message):
-    before = _loras(comfy)
-    prompt = _prompt(base_prompt, "refused", **change)
-    try:  # other output nodes of the graph are valid, so ComfyUI may accept it and run only those
-        errors = comfy.post("/prompt", {"prompt": prompt, "client_id": comfy.client_id})["node_errors"]
-    except urllib.error.HTTPError as err:
-        errors = json.loads(err.read())["node_errors"]
-    assert message in json.dumps(errors.get("8", {}))
-    assert _loras(comfy) == before
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
         ({"base_model": "flux_like.safetensors"}, "Flux"),
         ({"batch_size": 64}, "one step needs batch_size x grad_accum = 64"),
         # fp16 base weights overflow within a few steps at this rate (fp32 ones saturate without NaN)
@@ -190,7 +169,8 @@ def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(comfy, base_promp
     assert 1 <= len(kept) <= 2 and stopped_at >= 1
 
     resumed = _prompt(base_prompt, name, steps=stopped_at + 2)
-    resumed["7"]["inputs"].update(checkpoint_every=1, keep_checkpoints=2, resume=True)
+    resumed["7"]["inputs"].update(checkpoint_every=1, keep_checkpoints=2)
+    resumed["8"]["inputs"]["resume"] = True
     panel = comfy.run(resumed, timeout=600)["outputs"]["8"]
     assert len(panel["losses"]) == stopped_at + 2  # the losses before the cancel came back from the checkpoint
     assert panel["lora_name"] == [f"{name}.safetensors"]
