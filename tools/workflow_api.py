@@ -29,7 +29,8 @@ def _has_control_value(name: str, spec: list[Any]) -> bool:
     options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
     if spec[0] != "INT":
         return False
-    return bool(options.get("control_after_generate")) or name in ("seed", "noise_seed")
+    # the frontend adds the control widget when asked, or by default to inputs named seed / noise_seed
+    return bool(options.get("control_after_generate", name in ("seed", "noise_seed")))
 
 
 def widget_names(info: dict[str, Any]) -> list[tuple[str, bool]]:

@@ -53,6 +53,7 @@ def base_prompt(comfy) -> dict:
             "SD35TunerTrainSettings",
             base_dtype="fp32",
             save_dtype="fp32",
+            gradient_checkpointing=False,
             checkpoint_every=2,
             validation_steps=2,
         ),
@@ -65,6 +66,7 @@ def base_prompt(comfy) -> dict:
             learning_rate=1e-3,
             rank=4,
             alpha=8.0,
+            quantization="none",
             settings=["7", 0],
         ),
     }
@@ -78,6 +80,21 @@ def _prompt(base: dict, name: str, **train) -> dict:
     prompt = copy.deepcopy(base)
     prompt["8"]["inputs"].update({"lora_name": name, **train})
     return prompt
+
+
+def test_without_a_settings_node_the_trainer_uses_the_defaults_that_node_shows(comfy, base_prompt):
+    info = comfy.object_info()
+    seed = info["SD35TunerTrainLora"]["input"]["required"]["seed"]
+    assert seed[1]["control_after_generate"] is False  # re-running trains the same run, not a new one
+    shown = {name: spec[1]["default"] for name, spec in info["SD35TunerTrainSettings"]["input"]["required"].items()}
+    assert shown["gradient_checkpointing"] is True and shown["max_grad_norm"] == 0.1 and shown["base_dtype"] == "auto"
+    name = f"defaults_{uuid.uuid4().hex[:6]}"
+    prompt = _prompt(base_prompt, name, steps=1)
+    del prompt["8"]["inputs"]["settings"], prompt["7"]
+    comfy.run(prompt, timeout=600)
+    with safe_open(str(comfy.base_dir / "models" / "loras" / f"{name}.safetensors"), "pt") as f:
+        used = json.loads(f.metadata()["sd35_tuner.config"])
+    assert {**shown, "base_dtype": "fp32"} == {k: used[k] for k in shown}  # auto is fp32 on this CPU
 
 
 def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, base_prompt):

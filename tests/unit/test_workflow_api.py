@@ -42,6 +42,12 @@ def test_widgets_map_in_declared_order_skipping_the_seed_control_value():
     assert prompt["2"]["inputs"] == {"seed": 42, "steps": 9, "cfg": 4.5, "note": "hi", "model": ["1", 0]}
 
 
+def test_a_seed_without_control_widget_has_no_control_value():
+    info = {"Trainer": {"input": {"required": {"seed": ["INT", {"control_after_generate": False}], "steps": ["INT"]}}}}
+    wf = _workflow([{"id": 1, "type": "Trainer", "widgets_values": [7, 30], "inputs": []}], [])
+    assert ui_to_api(wf, info)["1"]["inputs"] == {"seed": 7, "steps": 30}
+
+
 def test_reroutes_dissolve_and_notes_and_muted_nodes_drop():
     wf = _workflow(
         [
