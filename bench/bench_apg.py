@@ -21,18 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from tools import paths  # noqa: E402
-
-
-def import_comfy() -> None:
-    sys.path.insert(0, str(paths.COMFYUI))
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-    try:
-        import comfy.options
-
-        comfy.options.enable_args_parsing()
-        import comfy.cli_args  # noqa: F401  (parses --cpu before model management looks for CUDA)
-    finally:
-        sys.argv = argv
+from tools.comfy_import import import_comfy  # noqa: E402
 
 
 def import_pack_node_module():

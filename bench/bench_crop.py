@@ -31,6 +31,7 @@ from dataset.faces import haar_face_detector  # noqa: E402
 from dataset.images import render_item  # noqa: E402
 from dataset.manifest import Dataset, DatasetItem  # noqa: E402
 from tools import paths  # noqa: E402
+from tools.comfy_import import import_comfy  # noqa: E402
 from tools.sample_data import photo  # noqa: E402
 
 
@@ -60,17 +61,10 @@ def write_photos(folder: Path) -> Dataset:
 
 
 def load_vae():
-    if str(paths.COMFYUI) not in sys.path:
-        sys.path.insert(0, str(paths.COMFYUI))
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-    try:
-        import comfy.options
+    import_comfy()
+    import comfy.sd
+    import comfy.utils
 
-        comfy.options.enable_args_parsing()
-        import comfy.sd
-        import comfy.utils
-    finally:
-        sys.argv = argv
     sd = comfy.utils.load_torch_file(str(paths.MODELS / "vae" / paths.SD3_VAE))
     return comfy.sd.VAE(sd=sd)
 
