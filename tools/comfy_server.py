@@ -24,7 +24,7 @@ from typing import Any
 from . import paths
 
 PACK_DIR_NAME = "sd35-tuner"
-MODEL_FOLDERS = ("checkpoints", "vae", "text_encoders", "clip", "diffusion_models")
+MODEL_FOLDERS = ("checkpoints", "vae", "vae_approx", "text_encoders", "clip", "diffusion_models")
 
 
 class ComfyError(RuntimeError):

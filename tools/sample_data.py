@@ -3,6 +3,10 @@
 ``write_sample_folder`` writes a kohya-style dataset folder: photos with sidecar ``.txt``
 captions, one ``N_name`` repeats subfolder, no downloads. ``write_bad_inputs`` writes one file
 per kind of broken or awkward input the dataset loader must handle.
+
+The demo world: ``PRETRAIN_PHOTOS`` are the pictures the built-in demo base model learns at setup,
+each with a plain caption; ``subject_photos`` are crops of one subject it never sees (the red
+motorcycle of scikit-image's stereo pair), which the main job teaches it with a LoRA.
 """
 
 from __future__ import annotations
@@ -25,6 +29,24 @@ SAMPLES = (
 )
 
 
+# (skimage.data name, caption): what the demo base model is pretrained on (tools/demo_base.py).
+PRETRAIN_PHOTOS = (
+    ("astronaut", "a photo of an astronaut"),
+    ("chelsea", "a photo of a cat"),
+    ("coffee", "a cup of coffee"),
+    ("rocket", "a rocket on its launch pad at night"),
+    ("hubble_deep_field", "galaxies in deep space"),
+    ("retina", "a photo of a retina"),
+    ("immunohistochemistry", "cells under a microscope"),
+    ("camera", "a black and white photo of a man with a camera"),
+)
+
+# The held-out subject: never in pretraining; the main job's LoRA learns it.
+SUBJECT_CAPTION = "a red motorcycle in a garage"
+# (stereo view, left edge of a 500 x 500 crop, mirrored): four views of the one motorcycle
+_SUBJECT_CROPS = (("left", 40, False), ("left", 200, False), ("right", 120, False), ("right", 200, True))
+
+
 def photo(name: str) -> np.ndarray:
     """An RGB uint8 array of one of scikit-image's bundled photos."""
     import skimage.data
@@ -33,6 +55,37 @@ def photo(name: str) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.stack([arr] * 3, axis=-1)
     return np.ascontiguousarray(arr[..., :3])
+
+
+def square(arr: np.ndarray, size: int) -> np.ndarray:
+    """The centred square of ``arr``, area-resized to ``size`` x ``size`` (RGB uint8)."""
+    h, w = arr.shape[:2]
+    side = min(h, w)
+    top, left = (h - side) // 2, (w - side) // 2
+    crop = Image.fromarray(np.ascontiguousarray(arr[top : top + side, left : left + side, :3]))
+    return np.asarray(crop.resize((size, size), Image.Resampling.BOX))
+
+
+def subject_photos() -> list[np.ndarray]:
+    """Four 500 x 500 views of the held-out subject (RGB uint8): crops of both stereo views, one mirrored."""
+    import skimage.data
+
+    views = dict(zip(("left", "right"), skimage.data.stereo_motorcycle()[:2], strict=True))
+    out = []
+    for view, left, mirrored in _SUBJECT_CROPS:
+        crop = views[view][:, left : left + 500]
+        out.append(np.ascontiguousarray(crop[:, ::-1] if mirrored else crop))
+    return out
+
+
+def write_subject_folder(dest: Path) -> Path:
+    """Write the held-out subject's views as PNGs with ``SUBJECT_CAPTION`` sidecars under ``dest``; return it."""
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    for i, arr in enumerate(subject_photos()):
+        Image.fromarray(arr).save(dest / f"motorcycle_{i}.png")
+        (dest / f"motorcycle_{i}.txt").write_text(SUBJECT_CAPTION + "\n", encoding="utf-8")
+    return dest
 
 
 def write_sample_folder(dest: Path) -> Path:

@@ -8,9 +8,13 @@ loaders (CheckpointLoaderSimple, VAELoader, CLIPLoader, TripleCLIPLoader) accept
   ``first_stage_model.``. ComfyUI infers hidden = 64 x depth, so heads == layers and head dim 64.
 - ``checkpoints/sd35_tiny.safetensors``: the SD3.5 variant (qk RMS-norm, dual attention in block 0).
 - ``vae/sd3_vae_random.safetensors``: the same VAE on its own.
-- ``text_encoders/clip_l_random.safetensors``: a full-size random CLIP-L. Alone it loads as SD3 CLIP
-  (cond [B, 77, 4096] zero padded, pooled [B, 2048]); CLIP-G and T5-XXL are too large to generate
-  here, so demos feed CLIP-L to every slot of TripleCLIPLoader.
+- ``vae_approx/taesd3_encoder.safetensors`` + ``taesd3_decoder.safetensors``: the demo VAE, a TAESD3
+  with constructed weights whose round trip keeps the picture (``tools/demo_vae.py``); VAELoader
+  lists the pair as ``taesd3``.
+- ``text_encoders/clip_l_random.safetensors``: a full-size random CLIP-L. Alone, through
+  ``CLIPLoader(type=sd3)``, it loads as SD3 CLIP (cond [B, 77, 4096] zero padded, pooled [B, 2048]).
+  CLIP-G and T5-XXL are too large to generate here, and it must never go into TripleCLIPLoader (with
+  three files ComfyUI builds CLIP-G and T5-XXL anyway: see ``tools/builtin.py``).
 
 Run: ``python -m tools.tiny_models --out DIR``. Same seed, same bytes.
 """
@@ -18,7 +22,6 @@ Run: ``python -m tools.tiny_models --out DIR``. Same seed, same bytes.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
@@ -26,6 +29,8 @@ import torch
 from training.fs import atomic_save_safetensors
 
 from . import paths
+from .comfy_import import import_comfy
+from .demo_vae import decoder_weights, encoder_weights
 
 TEXT_DIM = 4096  # SD3 CLIP cond width (CLIP-L 768 zero-padded to T5's 4096)
 POOLED_DIM = 2048  # CLIP-L pooled 768 + CLIP-G pooled 1280 (zeros when G is absent)
@@ -128,19 +133,8 @@ def _save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]
     atomic_save_safetensors(path, tensors, metadata)
 
 
-def _import_comfy() -> None:
-    """Make ComfyUI's modules importable as a library: its arg parser must see --cpu first."""
-    if str(paths.COMFYUI) not in sys.path:
-        sys.path.insert(0, str(paths.COMFYUI))
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
-    try:
-        import comfy.cli_args  # noqa: F401
-    finally:
-        sys.argv = argv
-
-
 def write_all(out: Path) -> dict[str, Path]:
-    _import_comfy()
+    import_comfy()
     vae = build_vae_ldm(seed=2)
     written: dict[str, Path] = {}
     for name, depth, sd35, seed in ((paths.SD3_CHECKPOINT, 2, False, 0), (paths.SD35_CHECKPOINT, 2, True, 1)):
@@ -152,6 +146,9 @@ def write_all(out: Path) -> dict[str, Path]:
         written[name] = path
     written[paths.SD3_VAE] = out / "vae" / paths.SD3_VAE
     _save(vae, written[paths.SD3_VAE], {"sd35_tuner": "built-in random SD3 VAE"})
+    for name, weights in ((paths.TAESD3_ENCODER, encoder_weights()), (paths.TAESD3_DECODER, decoder_weights())):
+        written[name] = out / "vae_approx" / name
+        _save(weights, written[name], {"sd35_tuner": "built-in demo VAE: constructed TAESD3 (tools/demo_vae.py)"})
     written[paths.CLIP_L] = out / "text_encoders" / paths.CLIP_L
     _save(build_clip_l(seed=3), written[paths.CLIP_L], {"sd35_tuner": "built-in random CLIP-L"})
     return written

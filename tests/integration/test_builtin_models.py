@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file
 
-from tools import paths
+from tools import demo_vae, paths
 from tools.builtin import point_at_builtin_models
+from tools.sample_data import photo, square, subject_photos
 
 
 def _graph(ckpt: str, clip_loader: dict, size: int = 64, seed: int = 1) -> dict:
@@ -48,7 +51,7 @@ TRIPLE = {
 @pytest.mark.parametrize(
     ("ckpt", "clip"),
     [(paths.SD3_CHECKPOINT, CLIP_L_AS_SD3), (paths.SD35_CHECKPOINT, TRIPLE)],
-    ids=["sd3+CLIPLoader", "sd35+TripleCLIPLoader-swapped"],
+    ids=["sd3+CLIPLoader", "sd35+CLIPLoader-replacing-TripleCLIPLoader"],
 )
 def test_builtin_checkpoint_samples_and_decodes(comfy, ckpt, clip):
     entry = comfy.run(point_at_builtin_models(_graph(ckpt, dict(clip)), sd35=ckpt == paths.SD35_CHECKPOINT))
@@ -65,3 +68,44 @@ def test_same_seed_same_image_other_seed_other_image(comfy):
     a, b, c = (np.asarray(Image.open(p), dtype=np.int16) for p in (a, b, c))
     assert np.array_equal(a, b)
     assert np.abs(a - c).max() > 0
+
+
+def test_demo_vae_round_trip_through_vaeencode_and_vaedecode_keeps_the_picture(comfy):
+    """ComfyUI's VAELoader('taesd3') + VAEEncode + VAEDecode give the constructed codec's latents and
+    picture, and the round trip beats a 32 px thumbnail blown up to 256 px."""
+    pictures = {"astronaut": square(photo("astronaut"), 256), "motorcycle": square(subject_photos()[0], 256)}
+    graph = {"vae": {"class_type": "VAELoader", "inputs": {"vae_name": paths.DEMO_VAE}}}
+    for name, arr in pictures.items():
+        Image.fromarray(arr).save(comfy.base_dir / "input" / f"vae_{name}.png")
+        graph |= {
+            f"load_{name}": {"class_type": "LoadImage", "inputs": {"image": f"vae_{name}.png"}},
+            f"enc_{name}": {"class_type": "VAEEncode", "inputs": {"pixels": [f"load_{name}", 0], "vae": ["vae", 0]}},
+            f"dec_{name}": {"class_type": "VAEDecode", "inputs": {"samples": [f"enc_{name}", 0], "vae": ["vae", 0]}},
+            f"save_{name}": {
+                "class_type": "SaveImage",
+                "inputs": {"images": [f"dec_{name}", 0], "filename_prefix": f"vae_round_trip_{name}"},
+            },
+            f"latent_{name}": {
+                "class_type": "SaveLatent",
+                "inputs": {"samples": [f"enc_{name}", 0], "filename_prefix": f"latents/vae_{name}"},
+            },
+        }
+    entry = comfy.run(graph)
+    for name, arr in pictures.items():
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1)[None].float() / 255
+        [latent_file] = comfy.output_files(entry, f"latent_{name}", kind="latents")
+        latent = load_file(str(latent_file))["latent_tensor"].float()
+        expected = demo_vae.reference_encode(x) / demo_vae.SD3_SCALE + demo_vae.SD3_SHIFT  # VAE space
+        assert torch.allclose(latent, expected, atol=1e-4), float((latent - expected).abs().max())
+        # the first channels are the 8x8 means (model space = A0 * (mean - 0.5))
+        model_space = (latent - demo_vae.SD3_SHIFT) * demo_vae.SD3_SCALE
+        means = torch.nn.functional.avg_pool2d(x, 8)
+        assert torch.allclose(model_space[:, :3], demo_vae.A0 * (means - 0.5), atol=1e-4)
+
+        [png] = comfy.output_files(entry, f"save_{name}")
+        decoded = torch.from_numpy(np.asarray(Image.open(png).convert("RGB")).copy()).permute(2, 0, 1)[None] / 255
+        reference = demo_vae.reference_decode(demo_vae.reference_encode(x)).clamp(0, 1)
+        assert (decoded - reference).abs().max() <= 1.5 / 255  # 8-bit rounding of the saved PNG
+        ours = demo_vae.psnr(decoded, x)
+        bar = demo_vae.psnr(torch.from_numpy(demo_vae.thumbnail_bar(arr).copy()).permute(2, 0, 1)[None] / 255, x)
+        assert ours > bar + 1.0, f"{name}: round trip {ours:.2f} dB vs thumbnail {bar:.2f} dB"
