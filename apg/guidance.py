@@ -21,25 +21,12 @@ This module imports torch only, so the trainer's validation sampler and the Comf
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-__all__ = [
-    "MomentumState",
-    "apg_update",
-    "apply_apg",
-    "cfg",
-    "clamp_norm",
-    "project",
-    "sample_dims",
-]
+from .settings import check_momentum
 
-
-def sample_dims(x: Tensor) -> tuple[int, ...]:
-    """Every non-batch dim: one sample's norm covers [C, H, W] images and [C, T, H, W] videos alike."""
-    return tuple(range(1, x.ndim))
+__all__ = ["MomentumState", "apply_apg", "cfg"]
 
 
 class MomentumState:
@@ -48,12 +35,13 @@ class MomentumState:
     β < 0 is the paper's "reverse momentum" (it subtracts a share of the previous steps' update); β = 0
     disables momentum (``update`` returns Δ and keeps nothing). The state forgets itself whenever Δ's
     shape, dtype or device differs from the stored one (a new batch or resolution is a new run), and
-    callers reset it at the start of every sampling run so nothing leaks between prompts.
+    callers reset it at the start of every sampling run so nothing leaks between prompts. |β| is limited
+    to ``settings.MOMENTUM_LIMIT`` (< 1), where the running update stays bounded.
     """
 
     def __init__(self, beta: float) -> None:
-        if not math.isfinite(beta):
-            raise ValueError(f"APG momentum must be a finite number, got {beta}")
+        if problem := check_momentum(beta):
+            raise ValueError(problem)
         self.beta = float(beta)
         self.running: Tensor | None = None
 
@@ -77,48 +65,6 @@ class MomentumState:
         return self.running
 
 
-def clamp_norm(delta: Tensor, norm_threshold: float) -> Tensor:
-    """Scale each sample of ``delta`` by ``min(1, r / ‖delta‖₂)`` so no sample's L2 norm exceeds r (0 disables)."""
-    if norm_threshold < 0 or not math.isfinite(norm_threshold):
-        raise ValueError(f"APG norm_threshold must be a finite number >= 0 (0 disables), got {norm_threshold}")
-    if norm_threshold == 0:
-        return delta
-    norm = torch.linalg.vector_norm(delta, ord=2, dim=sample_dims(delta), keepdim=True)
-    factor = (norm_threshold / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp_max(1.0)
-    return delta * factor
-
-
-def project(v: Tensor, onto: Tensor) -> tuple[Tensor, Tensor]:
-    """Split ``v`` into the parts parallel and orthogonal to ``onto``, per sample, computed in float64.
-
-    A sample whose ``onto`` is all zeros has no direction: its parallel part is zero.
-    """
-    dims = sample_dims(v)
-    v64, onto64 = v.double(), onto.double()
-    energy = (onto64 * onto64).sum(dim=dims, keepdim=True)
-    coef = (v64 * onto64).sum(dim=dims, keepdim=True) / energy.clamp_min(torch.finfo(torch.float64).tiny)
-    parallel = coef * onto64
-    return parallel, v64 - parallel
-
-
-def apg_update(
-    cond: Tensor,
-    uncond: Tensor,
-    eta: float = 0.0,
-    norm_threshold: float = 0.0,
-    state: MomentumState | None = None,
-) -> Tensor:
-    """APG's guidance direction ``Δ⊥ + η·Δ∥`` (after momentum and norm clamp), in float64."""
-    if cond.shape != uncond.shape:
-        raise ValueError(f"APG needs cond and uncond of one shape, got {tuple(cond.shape)} and {tuple(uncond.shape)}")
-    delta = cond - uncond
-    if state is not None:
-        delta = state.update(delta)
-    delta = clamp_norm(delta, norm_threshold)
-    parallel, orthogonal = project(delta, cond)
-    return orthogonal + eta * parallel
-
-
 def apply_apg(
     cond: Tensor,
     uncond: Tensor,
@@ -130,16 +76,15 @@ def apply_apg(
     """Guided denoised prediction ``D_cond + (scale − 1)·(Δ⊥ + η·Δ∥)`` of the paper's Algorithm 1.
 
     ``cond``/``uncond`` are the denoised (x0) predictions ``[B, ...]``; the result has ``cond``'s dtype.
-    With ``eta=1, norm_threshold=0`` and no momentum it equals CFG at ``scale``.
+    With ``eta=1, norm_threshold=0`` and no momentum it equals CFG at ``scale``. The settings are checked
+    once, where they are made (``apg.settings``), not here on every step.
 
-    Same result as ``cond + (scale − 1)·apg_update(...)``, computed with per-sample scalars so the float64
-    work is a few passes over the latent: with the clamp factor f and Δ∥ = k·D_cond,
+    The paper's steps (momentum, clamp, projection in float64, combination) are fused into per-sample
+    scalars so the float64 work is a few passes over the latent: with the clamp factor f and Δ∥ = k·D_cond,
     ``k = f·⟨Δ, D_cond⟩ / ‖D_cond‖²``, the result is ``(1 − (w − 1)(1 − η)·k)·D_cond + (w − 1)·f·Δ``.
     """
     if cond.shape != uncond.shape:
         raise ValueError(f"APG needs cond and uncond of one shape, got {tuple(cond.shape)} and {tuple(uncond.shape)}")
-    if norm_threshold < 0 or not math.isfinite(norm_threshold):
-        raise ValueError(f"APG norm_threshold must be a finite number >= 0 (0 disables), got {norm_threshold}")
     delta = cond - uncond
     if state is not None:
         delta = state.update(delta)

@@ -21,53 +21,16 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
 
 from .guidance import MomentumState, apply_apg, cfg
-from .schedule import THRESHOLD_MODES, GuidanceWindow, scaled_norm_threshold
+from .settings import APGSettings, check_scale
+
+__all__ = ["APGPatch", "APGSettings"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class APGSettings:
-    """APG's knobs. ``threshold_mode="scaled"`` reads ``norm_threshold`` at the reference latent size
-    (see :mod:`apg.schedule`) and rescales it to the actual one."""
-
-    eta: float = 0.0
-    norm_threshold: float = 15.0
-    threshold_mode: str = "scaled"
-    momentum: float = -0.5
-    window: GuidanceWindow = field(default_factory=GuidanceWindow)
-
-    def __post_init__(self) -> None:
-        for name in ("eta", "norm_threshold", "momentum"):
-            if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"APG {name} must be a finite number, got {getattr(self, name)}")
-        if self.norm_threshold < 0:
-            raise ValueError(f"APG norm_threshold must be >= 0 (0 disables the clamp), got {self.norm_threshold}")
-        if self.threshold_mode not in THRESHOLD_MODES:
-            raise ValueError(f"APG threshold_mode must be one of {THRESHOLD_MODES}, got {self.threshold_mode!r}")
-
-    def threshold_for(self, sample: Tensor) -> float:
-        """The L2 bound for one sample shaped like ``sample`` (no batch dim)."""
-        if self.threshold_mode == "absolute" or self.norm_threshold == 0:
-            return self.norm_threshold
-        return scaled_norm_threshold(self.norm_threshold, sample.numel())
-
-    def label(self, scale: float | None = None) -> str:
-        """A short description of the settings, for image captions and logs."""
-        parts = ["APG"]
-        if scale is not None:
-            parts.append(f"w={scale:g}")
-        r = f"r={self.norm_threshold:g}" + (" (scaled)" if self.threshold_mode == "scaled" else "")
-        parts += [f"eta={self.eta:g}", r, f"beta={self.momentum:g}"]
-        if not self.window.whole_run:
-            parts.append(f"window {self.window.start:g}-{self.window.end:g} ({self.window.unit})")
-        return " ".join(parts)
 
 
 class APGPatch:
@@ -115,6 +78,8 @@ class APGPatch:
         cond: Tensor = args["cond_denoised"]
         uncond: Tensor | None = args.get("uncond_denoised")
         scale = float(args["cond_scale"])
+        if problem := check_scale(scale):
+            raise ValueError(problem)
         if uncond is None or args.get("input_uncond", uncond) is None or math.isclose(scale, 1.0):
             return cond
         if scale < 1.0:

@@ -1,11 +1,49 @@
-"""Properties of apg.guidance on random tensors (Algorithm 1 of Sadat et al., ICLR 2025)."""
+"""Properties of apg.guidance on random tensors (Algorithm 1 of Sadat et al., ICLR 2025).
+
+``apply_apg`` fuses the paper's steps; the step-by-step Algorithm 1 below (clamp, project, combine) is
+the reference it is checked against.
+"""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
-from apg.guidance import MomentumState, apg_update, apply_apg, cfg, clamp_norm, project
+from apg.guidance import MomentumState, apply_apg, cfg
+from apg.settings import MOMENTUM_LIMIT
+
+
+def sample_dims(x: torch.Tensor) -> tuple[int, ...]:
+    return tuple(range(1, x.ndim))
+
+
+def clamp_norm(delta: torch.Tensor, r: float) -> torch.Tensor:
+    """Algorithm 1's rescaling: each sample times min(1, r / ||delta||) (r = 0: no clamp)."""
+    if r == 0:
+        return delta
+    norm = torch.linalg.vector_norm(delta, dim=sample_dims(delta), keepdim=True)
+    return delta * (r / norm.clamp_min(torch.finfo(norm.dtype).tiny)).clamp_max(1.0)
+
+
+def project(v: torch.Tensor, onto: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parallel and orthogonal parts of ``v`` relative to ``onto``, per sample, in float64."""
+    dims = sample_dims(v)
+    v64, onto64 = v.double(), onto.double()
+    energy = (onto64 * onto64).sum(dim=dims, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
+    parallel = (v64 * onto64).sum(dim=dims, keepdim=True) / energy * onto64
+    return parallel, v64 - parallel
+
+
+def apg_update(cond, uncond, eta=0.0, norm_threshold=0.0, state=None) -> torch.Tensor:
+    """The paper's update Δ⊥ + η·Δ∥ after momentum and clamp, step by step."""
+    delta = cond - uncond
+    if state is not None:
+        delta = state.update(delta)
+    parallel, orthogonal = project(clamp_norm(delta, norm_threshold), cond)
+    return orthogonal + eta * parallel
+
 
 SHAPES = [(1, 16, 8, 8), (3, 16, 12, 20), (2, 4, 5, 3, 7), (4, 33)]
 
@@ -77,13 +115,9 @@ def test_clamped_delta_norm_never_exceeds_r(shape, r):
     assert (per_sample(update).norm(dim=1) <= r * (1 + 1e-6)).all()
 
 
-def test_clamp_of_zero_delta_is_zero_and_negative_r_is_refused():
+def test_clamp_of_zero_delta_is_zero():
     zero = torch.zeros(2, 4, 3, 3)
-    assert torch.equal(clamp_norm(zero, 5.0), zero)
-    with pytest.raises(ValueError, match="norm_threshold"):
-        clamp_norm(zero, -1.0)
-    with pytest.raises(ValueError, match="norm_threshold"):
-        apply_apg(zero, zero, 5.0, norm_threshold=-0.1)
+    assert torch.equal(apply_apg(zero, zero, 5.0, eta=1.0, norm_threshold=5.0), zero)
 
 
 def test_momentum_matches_hand_computed_three_steps():
@@ -148,6 +182,34 @@ def test_momentum_resets_on_dtype_change_and_beta_zero_keeps_nothing():
     assert off.update(d) is d and off.running is None
     with pytest.raises(ValueError, match="momentum"):
         MomentumState(float("nan"))
+
+
+@pytest.mark.parametrize("beta", [-1.5, -1.0, 1.0, 2.0])
+def test_momentum_outside_the_bounded_range_is_refused(beta):
+    with pytest.raises(ValueError, match="momentum must be between"):
+        MomentumState(beta)
+
+
+def test_what_the_limit_prevents_and_what_it_guarantees():
+    """|β| > 1 with the clamp off blows up within a sampling run; |β| <= the limit stays bounded."""
+    g = torch.Generator().manual_seed(0)
+    deltas = [torch.rand(1, 16, 8, 8, generator=g) * 2 - 1 for _ in range(40)]
+    biggest = max(float(d.abs().max()) for d in deltas)
+
+    def run(beta: float) -> float:
+        running = None
+        peak = 0.0
+        for delta in deltas:  # m <- delta + beta * m, as MomentumState.update
+            running = delta if running is None else delta + beta * running
+            peak = max(peak, float(running.abs().max()))
+        return peak
+
+    assert run(-1.5) > 1e5 * biggest  # the divergence the limit is for: |beta|^t growth
+    for beta in (-MOMENTUM_LIMIT, -0.75, -0.5, 0.5, MOMENTUM_LIMIT):
+        state = MomentumState(beta)
+        peak = max(float(state.update(delta).abs().max()) for delta in deltas)
+        assert peak <= biggest / (1 - abs(beta)) * (1 + 1e-6)
+        assert math.isclose(peak, run(beta), rel_tol=1e-6)
 
 
 def test_half_precision_inputs_keep_their_dtype_and_match_float64_reference():

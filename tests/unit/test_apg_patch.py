@@ -8,6 +8,7 @@ import torch
 from apg.guidance import apply_apg, cfg
 from apg.patch import APGPatch, APGSettings
 from apg.schedule import GuidanceWindow, scaled_norm_threshold
+from apg.settings import check_apg
 
 SIGMAS = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0])
 
@@ -94,11 +95,25 @@ def test_outer_sample_wrapper_resets_momentum_before_and_after_each_run_even_whe
         ("threshold_mode", {"threshold_mode": "relative"}),
         ("eta", {"eta": float("inf")}),
         ("momentum", {"momentum": float("nan")}),
+        ("momentum", {"momentum": -1.5}),
     ],
 )
 def test_bad_settings_name_the_field(field, kwargs):
     with pytest.raises(ValueError, match=field):
         APGSettings(**kwargs)
+    assert set(check_apg(**{k: v for k, v in kwargs.items()})) == {field}
+
+
+def test_check_apg_lists_every_problem_and_nothing_for_good_settings():
+    assert check_apg(eta=0.0, norm_threshold=15.0, momentum=-0.5, threshold_mode="scaled") == {}
+    problems = check_apg(eta=float("nan"), norm_threshold=-1.0, momentum=1.0, threshold_mode="x")
+    assert set(problems) == {"eta", "norm_threshold", "momentum", "threshold_mode"}
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_cfg_is_refused_not_sampled(scale):
+    with pytest.raises(ValueError, match="cfg must be a finite number"):
+        APGPatch(APGSettings()).guided(hook_args(10, scale=scale))
 
 
 def test_label_carries_the_settings():
