@@ -13,6 +13,7 @@ from comfy_api.latest import io, ui
 import nodes as comfy_nodes
 
 from ..apg.schedule import REFERENCE_ELEMENTS, THRESHOLD_MODES, WINDOW_UNITS, GuidanceWindow
+from ..apg.settings import MOMENTUM_LIMIT
 from ._types import CATEGORY
 from ._validation import Choice, range_problems, verdict
 
@@ -54,8 +55,8 @@ def apg_inputs() -> list[io.Input]:
         io.Float.Input(
             "momentum",
             default=-0.5,
-            min=-1.5,
-            max=1.0,
+            min=-MOMENTUM_LIMIT,
+            max=MOMENTUM_LIMIT,
             step=0.01,
             tooltip="beta in m <- delta + beta*m across steps; negative is the paper's reverse momentum. "
             "Default -0.5 (the paper's SDXL value). 0 disables momentum. Resets at the start of every run.",
