@@ -65,7 +65,7 @@ def clip_encoder(clip) -> TextEncoder:
     LoRA patches applied to the CLIP.
     """
     from ..training.cache import TextEncoder, TextEncoding, state_dict_identity, tensor_identity, truncate_tokens
-    from ..training.cache.builder import MAX_TOKENS
+    from ..training.cache.sd3 import MAX_TOKENS
 
     if clip is None:
         raise ValueError("clip is missing: the checkpoint has no text encoders; load them with TripleCLIPLoader")

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+import random
+from collections import defaultdict
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,6 +28,33 @@ class Batch:
     captions: list[str] = field(default_factory=list)
 
 
+def bucketed_batches(
+    buckets: Sequence[Hashable], repeats: Sequence[int], batch_size: int, rng: random.Random, drop_last: bool = True
+) -> list[list[int]]:
+    """One epoch as batches of sample indices: sample ``i`` appears ``repeats[i]`` times, a batch never mixes
+    buckets (latent sizes), and the order within each bucket and of the batches comes from ``rng``."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1 (got {batch_size})")
+    groups: dict[Hashable, list[int]] = defaultdict(list)
+    for i, (bucket, n) in enumerate(zip(buckets, repeats, strict=True)):
+        groups[bucket].extend([i] * int(n))
+    plan: list[list[int]] = []
+    for bucket in sorted(groups):
+        members = groups[bucket]
+        rng.shuffle(members)
+        for start in range(0, len(members), batch_size):
+            chunk = members[start : start + batch_size]
+            if len(chunk) == batch_size or not drop_last:
+                plan.append(chunk)
+    rng.shuffle(plan)
+    return plan
+
+
+def epoch_rng(seed: int, epoch: int) -> random.Random:
+    """The generator of one epoch's order (and flips, caption picks): depends only on (seed, epoch)."""
+    return random.Random(f"sd35-tuner:{seed}:{epoch}")
+
+
 class TrainingSource(Protocol):
     meta: dict[str, Any]
 
@@ -39,7 +68,7 @@ class TrainingSource(Protocol):
 
 
 class TensorSource:
-    """Samples held in memory; each epoch is a seeded permutation, grouped by latent size."""
+    """Samples held in memory; each epoch is seeded and bucketed by latent size (``bucketed_batches``)."""
 
     def __init__(
         self,
@@ -63,14 +92,8 @@ class TensorSource:
         return len(self.latents)
 
     def batches(self, batch_size: int, seed: int, epoch: int, drop_last: bool = True) -> Iterator[Batch]:
-        order = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for i in order:
-            by_shape.setdefault(tuple(self.latents[i].shape), []).append(i)
-        groups = [idx[s : s + batch_size] for idx in by_shape.values() for s in range(0, len(idx), batch_size)]
-        for group in groups:
-            if drop_last and len(group) < batch_size:
-                continue
+        shapes = [tuple(t.shape) for t in self.latents]
+        for group in bucketed_batches(shapes, [1] * len(self), batch_size, epoch_rng(seed, epoch), drop_last):
             yield Batch(
                 latents=torch.stack([self.latents[i] for i in group]),
                 cond=torch.stack([self.cond[i] for i in group]),

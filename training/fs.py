@@ -228,24 +228,27 @@ def remove_stale_temps(folder: StrPath, recursive: bool = False, locked: bool = 
     """Remove the temp files and folders of writers that died (killed mid-write); return what was removed.
 
     Temps of processes still running are kept, unless ``locked`` says the caller holds :func:`folder_lock`
-    on ``folder`` (then no one else can be writing there). An ``.old`` folder whose target is missing (a
-    publish killed between its two renames) is renamed back instead. Symlinked folders are not entered.
+    on ``folder``: then no one else can be writing there, and every hidden ``*.tmp`` entry goes (older
+    writers named their temps without a pid). An ``.old`` folder whose target is missing (a publish
+    killed between its two renames) is renamed back instead. Symlinked folders are not entered.
     """
-    folder = Path(folder)
+
+    def is_temp(name: str) -> bool:
+        return bool(_TEMP.match(name)) or (locked and name.startswith(".") and name.endswith(".tmp"))
+
     found: list[Path] = []
     for parent, dirs, files in os.walk(folder):
-        found += [Path(parent) / n for n in (*dirs, *files) if _TEMP.match(n)]
+        found += [Path(parent) / n for n in (*dirs, *files) if is_temp(n)]
         if not recursive:
             break
-        dirs[:] = [d for d in dirs if not _TEMP.match(d)]
+        dirs[:] = [d for d in dirs if not is_temp(d)]
     removed = []
     for path in found:
         m = _TEMP.match(path.name)
-        pid = int(m["pid"])
-        if not locked and (pid == os.getpid() or pid_alive(pid)):
+        if m and not locked and (int(m["pid"]) == os.getpid() or pid_alive(int(m["pid"]))):
             continue
-        target = path.parent / m["name"]
-        if m["kind"] == "old" and not (target.is_symlink() or target.exists()):
+        target = path.parent / m["name"] if m else path
+        if m and m["kind"] == "old" and not (target.is_symlink() or target.exists()):
             os.rename(path, target)
             logger.warning("SD3.5 Tuner: restored %s (a replace of it was interrupted)", target)
             continue

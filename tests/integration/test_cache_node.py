@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from dataset.images import render_item
 from dataset.manifest import CropBox, DatasetItem
+from tests.cache_checks import cached_text, raw_latent, verify
 from tools import paths
 from tools.comfy_server import ComfyError, ComfyServer, execution_error
 from training.cache import CacheReader
@@ -202,11 +203,11 @@ def test_cached_entries_equal_comfyui_vae_encode_and_clip_encode(first):
     assert "3 items (3 with repeats) in 3 bucket(s): 128x128: 1, 128x64: 1, 64x128: 1" in first["summary"]
     for i, entry in enumerate(reader.items):
         ref = refs[i]
-        latent = reader.raw_latent(i)
+        latent = raw_latent(reader, i)
         w, h = entry["bucket"]
         assert latent.shape == ref["latent"].shape == (16, h // 8, w // 8)
         torch.testing.assert_close(latent, ref["latent"].float(), rtol=0, atol=1e-5)
-        cond, pooled = reader.text(entry["caption"])
+        cond, pooled = cached_text(reader, entry["caption"])
         assert cond.shape == (1, 77, 4096) and pooled.shape == (1, 2048)
         if entry["caption"] == LONG:  # ComfyUI encodes it as two 77-token chunks; the cache keeps the first
             assert ref["cond"].shape[1] >= 154 and entry["truncated"]
@@ -223,7 +224,7 @@ def test_batches_are_sd3_scaled_and_shaped(first):
     reader = first["reader"]
     batch = next(reader.batches(1, seed=0, epoch=0))
     i = next(n for n, e in enumerate(reader.items) if e["latent"] == batch.keys[0])
-    torch.testing.assert_close(batch.latents[0], (reader.raw_latent(i) - 0.0609) * 1.5305)
+    torch.testing.assert_close(batch.latents[0], (raw_latent(reader, i) - 0.0609) * 1.5305)
     assert batch.cond.shape == (1, 77, 4096) and batch.pooled.shape == (1, 2048)
 
 
@@ -252,16 +253,16 @@ def test_truncated_shard_is_repaired_on_the_next_run(comfy, dataset_folder, firs
     text = summary(entry)
     assert "repaired 1 damaged shard" in text and counts(text)["latents"][0] >= 1
     reader = CacheReader(cache)
-    reader.verify(deep=True)
+    verify(reader, deep=True)
     for i, ref in enumerate(first["refs"]):
-        torch.testing.assert_close(reader.raw_latent(i), ref["latent"].float(), rtol=0, atol=1e-5)
+        torch.testing.assert_close(raw_latent(reader, i), ref["latent"].float(), rtol=0, atol=1e-5)
 
 
 def test_vae_swap_reencodes_every_latent_and_no_text(comfy, dataset_folder, first, other_vaes):
     entry = comfy.run(graph(comfy, dataset_folder, "sd35cache/main", vae=other_vaes["other"]))
     assert counts(summary(entry)) == {"latents": (3, 0), "texts": (0, 6)}
     reader = CacheReader(comfy.base_dir / "output" / "sd35cache" / "main")
-    assert not torch.allclose(reader.raw_latent(0), first["refs"][0]["latent"].float(), atol=1e-3)
+    assert not torch.allclose(raw_latent(reader, 0), first["refs"][0]["latent"].float(), atol=1e-3)
 
 
 def test_four_channel_vae_is_refused_with_a_clear_message(comfy, dataset_folder, other_vaes):
@@ -340,18 +341,18 @@ def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, 
     latents, texts = counts(summary(entry))["latents"], counts(summary(entry))["texts"]
     assert latents[1] >= 1 and latents[0] >= 1 and sum(latents) == 5 and texts == (0, 3), summary(entry)
     resumed = CacheReader(cache)
-    resumed.verify(deep=True)
+    verify(resumed, deep=True)
     refs = {e["caption"]: ref for e, ref in zip(first["reader"].items, first["refs"], strict=True)}
     coffee = next(i for i, e in enumerate(resumed.items) if e["source"].endswith("coffee.png"))
     torch.testing.assert_close(
-        resumed.raw_latent(coffee), refs[CAPTIONS["coffee"]]["latent"].float(), rtol=0, atol=1e-5
+        raw_latent(resumed, coffee), refs[CAPTIONS["coffee"]]["latent"].float(), rtol=0, atol=1e-5
     )
     for caption in (CAPTIONS["coffee"], suit):
-        cond, pooled = resumed.text(caption)
+        cond, pooled = cached_text(resumed, caption)
         torch.testing.assert_close(cond, refs[caption]["cond"].float(), rtol=0, atol=1e-5)
         torch.testing.assert_close(pooled, refs[caption]["pooled"].float(), rtol=0, atol=1e-5)
     for i in range(len(resumed.items)):
-        assert torch.isfinite(resumed.raw_latent(i)).all()
+        assert torch.isfinite(raw_latent(resumed, i)).all()
 
 
 def test_cancel_mid_run_keeps_whole_shards_and_the_rerun_completes(comfy):
@@ -373,4 +374,4 @@ def test_cancel_mid_run_keeps_whole_shards_and_the_rerun_completes(comfy):
     entry = comfy.run(graph(comfy, "sd35cache_cancel", "sd35cache/cancelled", batch_size=1, validation=""))
     latents = counts(summary(entry))["latents"]
     assert latents[1] >= 1 and sum(latents) == 5 and counts(summary(entry))["texts"] == (0, 6), summary(entry)
-    CacheReader(cache).verify(deep=True)
+    verify(CacheReader(cache), deep=True)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from dataset.images import render_item
 from dataset.manifest import CropBox, Dataset, DatasetItem
+from tests.cache_checks import cached_text, raw_latent, verify
 from training.cache import (
     CacheReader,
     CacheWriteError,
@@ -126,8 +127,8 @@ def test_first_run_encodes_everything_and_entries_equal_direct_encoding(tmp_path
     reader = CacheReader(tmp_path / "cache")
     assert len(reader) == 7
     for i, item in enumerate(ds.items):
-        torch.testing.assert_close(reader.raw_latent(i), expected_latent(vae, item), rtol=0, atol=1e-6)
-        cond, pooled = reader.text(item.caption)
+        torch.testing.assert_close(raw_latent(reader, i), expected_latent(vae, item), rtol=0, atol=1e-6)
+        cond, pooled = cached_text(reader, item.caption)
         ref = FakeCLIP().encode(item.caption)
         assert torch.equal(cond, ref.cond) and torch.equal(pooled, ref.pooled)
     assert reader.meta["latent_space"] == "sd3_scaled" and reader.meta["text_len"] == 77
@@ -156,9 +157,9 @@ def test_one_caption_changed_encodes_one_text_and_no_latent(tmp_path, photos):
     assert clip.calls == ["a cup of coffee on a saucer"]
     assert report.stale_removed == 1  # the old coffee caption
     reader = CacheReader(tmp_path / "cache")
-    assert torch.equal(reader.text("a cup of coffee on a saucer")[0], FakeCLIP().encode(clip.calls[0]).cond)
+    assert torch.equal(cached_text(reader, "a cup of coffee on a saucer")[0], FakeCLIP().encode(clip.calls[0]).cond)
     with pytest.raises(KeyError):
-        reader.text("a photo of coffee")
+        cached_text(reader, "a photo of coffee")
 
 
 def test_vae_swap_reencodes_all_latents_no_texts_and_collects_old_shards(tmp_path, photos):
@@ -170,7 +171,7 @@ def test_vae_swap_reencodes_all_latents_no_texts_and_collects_old_shards(tmp_pat
     assert report.stale_removed == 4
     assert sorted(p.name for p in (tmp_path / "cache" / "latents").iterdir()) == ["vae-b"]
     reader = CacheReader(tmp_path / "cache")
-    torch.testing.assert_close(reader.raw_latent(0), expected_latent(vae_b, ds.items[0]), rtol=0, atol=1e-6)
+    torch.testing.assert_close(raw_latent(reader, 0), expected_latent(vae_b, ds.items[0]), rtol=0, atol=1e-6)
 
 
 def test_flip_caches_mirrored_latents_too(tmp_path, photos):
@@ -179,9 +180,9 @@ def test_flip_caches_mirrored_latents_too(tmp_path, photos):
     report = build(ds, tmp_path / "cache", vae, FakeCLIP(), flip=True)
     assert report.latents_encoded == 8
     reader = CacheReader(tmp_path / "cache")
-    flipped = reader.raw_latent(3, flipped=True)
+    flipped = raw_latent(reader, 3, flipped=True)
     torch.testing.assert_close(flipped, expected_latent(vae, ds.items[3], flip=True), rtol=0, atol=1e-6)
-    assert not torch.allclose(flipped, reader.raw_latent(3))
+    assert not torch.allclose(flipped, raw_latent(reader, 3))
     seen = {k for epoch in range(8) for b in reader.batches(1, seed=0, epoch=epoch) for k in b.keys}
     assert seen == {e["latent"] for e in reader.items} | {e["latent_flip"] for e in reader.items}
 
@@ -200,9 +201,9 @@ def test_truncated_shard_is_detected_and_repaired(tmp_path, photos, caplog):
     assert report.latents_encoded == sum(1 for i in ds.items if f"{i.bucket[0]}x{i.bucket[1]}" == shard.parent.name)
     assert report.repaired and "repaired 1 damaged shard" in report.summary()
     reader = CacheReader(tmp_path / "cache")
-    reader.verify(ds, deep=True)
+    verify(reader, ds, deep=True)
     for i, item in enumerate(ds.items):
-        torch.testing.assert_close(reader.raw_latent(i), expected_latent(vae, item), rtol=0, atol=1e-6)
+        torch.testing.assert_close(raw_latent(reader, i), expected_latent(vae, item), rtol=0, atol=1e-6)
 
 
 def test_same_size_corruption_is_caught_by_the_hash(tmp_path, photos):
@@ -213,10 +214,10 @@ def test_same_size_corruption_is_caught_by_the_hash(tmp_path, photos):
     data[-5] ^= 0xFF
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="content hash does not match"):
-        CacheReader(tmp_path / "cache").verify(deep=True)
+        verify(CacheReader(tmp_path / "cache"), deep=True)
     report = build(ds, tmp_path / "cache", FakeVAE(), FakeCLIP())
     assert report.texts_encoded == 5 and report.latents_encoded == 0
-    CacheReader(tmp_path / "cache").verify(ds, deep=True)
+    verify(CacheReader(tmp_path / "cache"), ds, deep=True)
 
 
 def test_cancel_midway_keeps_whole_shards_and_next_run_completes(tmp_path, photos):
@@ -239,9 +240,9 @@ def test_cancel_midway_keeps_whole_shards_and_next_run_completes(tmp_path, photo
     report = build(ds, tmp_path / "cache", vae, clip, batch_size=2)
     assert (report.texts_encoded, report.latents_encoded, report.latents_reused) == (0, 1, 3)
     reader = CacheReader(tmp_path / "cache")
-    reader.verify(ds, deep=True)
+    verify(reader, ds, deep=True)
     for i, item in enumerate(ds.items):
-        torch.testing.assert_close(reader.raw_latent(i), expected_latent(vae, item), rtol=0, atol=1e-6)
+        torch.testing.assert_close(raw_latent(reader, i), expected_latent(vae, item), rtol=0, atol=1e-6)
 
 
 def test_shards_written_by_a_killed_run_without_index_are_adopted(tmp_path, photos):
@@ -253,7 +254,7 @@ def test_shards_written_by_a_killed_run_without_index_are_adopted(tmp_path, phot
     report = build(ds, tmp_path / "cache", vae, clip)
     assert (report.latents_encoded, report.texts_encoded) == (0, 0)
     assert not list((tmp_path / "cache").rglob("*.tmp"))
-    CacheReader(tmp_path / "cache").verify(ds, deep=True)
+    verify(CacheReader(tmp_path / "cache"), ds, deep=True)
 
 
 def test_sigkill_of_a_worker_mid_run_then_rerun_is_complete_and_correct(tmp_path, photos):
@@ -294,9 +295,9 @@ build_cache(ds, {str(tmp_path / "cache")!r}, LatentEncoder("vae-a", slow, 16), F
     report = build(ds, tmp_path / "cache", vae, FakeCLIP())
     assert report.latents_reused == 1 and report.latents_encoded == 3 and report.texts_encoded == 0
     reader = CacheReader(tmp_path / "cache")
-    reader.verify(ds, deep=True)
+    verify(reader, ds, deep=True)
     for i, item in enumerate(ds.items):
-        torch.testing.assert_close(reader.raw_latent(i), expected_latent(vae, item), rtol=0, atol=1e-6)
+        torch.testing.assert_close(raw_latent(reader, i), expected_latent(vae, item), rtol=0, atol=1e-6)
 
 
 def _make_read_only(path: Path) -> bool:
@@ -345,7 +346,7 @@ def test_disk_full_while_writing_leaves_the_previous_index_intact(tmp_path, phot
     monkeypatch.setattr(os, "replace", real_replace)
     assert (tmp_path / "cache" / "index.json").read_bytes() == before
     assert not list((tmp_path / "cache").rglob("*.tmp"))
-    CacheReader(tmp_path / "cache").verify(ds, deep=True)
+    verify(CacheReader(tmp_path / "cache"), ds, deep=True)
 
 
 # -- bad input --------------------------------------------------------------------------------------
@@ -436,7 +437,8 @@ def test_truncate_tokens_keeps_first_chunk_and_end_token():
 def test_fingerprint_changes_when_a_source_image_changes(tmp_path, photos):
     ds = make_dataset(tmp_path / "ds", photos)
     cache = tmp_path / "cache"
-    assert cache_fingerprint(cache) == "no-index"
+    never_built = cache_fingerprint(cache)  # new on every call: a cache deleted after a build is rebuilt
+    assert never_built.startswith("no-index") and cache_fingerprint(cache) != never_built
     build(ds, cache, FakeVAE(), FakeCLIP())
     first = cache_fingerprint(cache)
     assert cache_fingerprint(cache) == first
@@ -464,7 +466,7 @@ def test_batches_are_single_bucket_honour_repeats_and_are_scaled_once(reader):
         for key, lat in zip(batch.keys, batch.latents, strict=True):
             seen[key] = seen.get(key, 0) + 1
             i = next(n for n, e in enumerate(reader.items) if e["latent"] == key)
-            torch.testing.assert_close(lat, (reader.raw_latent(i) - SD3_SHIFT_FACTOR) * SD3_SCALE_FACTOR)
+            torch.testing.assert_close(lat, (raw_latent(reader, i) - SD3_SHIFT_FACTOR) * SD3_SCALE_FACTOR)
         assert batch.cond.shape == (len(batch.keys), 77, 4096) and batch.pooled.shape == (len(batch.keys), 2048)
         assert batch.captions == [next(e["caption"] for e in reader.items if e["latent"] == k) for k in batch.keys]
     assert seen == {e["latent"]: e["repeats"] for e in reader.items}
@@ -487,23 +489,23 @@ def test_drop_last_drops_partial_batches_per_bucket(reader):
 
 def test_verify_names_stale_items(tmp_path, photos, reader):
     ds = make_dataset(tmp_path / "ds", photos)
-    reader.verify(ds)
+    verify(reader, ds)
     changed = make_dataset(tmp_path / "ds", photos, astronaut="an astronaut")
     with pytest.raises(ValueError, match="astronaut.png: caption changed.*Run the cache node again"):
-        reader.verify(changed)
+        verify(reader, changed)
     Image.new("RGB", (160, 120), "red").save(ds.items[1].source)
     with pytest.raises(ValueError, match="coffee.png: image changed on disk"):
-        reader.verify(ds)
+        verify(reader, ds)
     Path(ds.items[3].source).unlink()
     with pytest.raises(ValueError, match="rocket.png: image vanished"):
-        reader.verify(ds)
+        verify(reader, ds)
 
 
 # -- token shuffle variants ----------------------------------------------------------------------------
 
 
 def test_shuffled_captions_keep_the_first_parts_and_are_deterministic():
-    from training.cache.builder import shuffled_captions
+    from training.cache.plan import shuffled_captions
 
     caption = "ohwx person, red coat, snow, mountains, smiling"
     variants = shuffled_captions(caption, 4, keep_first=1)
@@ -523,7 +525,7 @@ def test_caption_variants_are_cached_and_picked_per_sample(tmp_path, photos):
     # 4 captions + "" + 3 variants of the coffee caption (the others have a single part)
     assert report.texts_encoded == 8
     reader = CacheReader(tmp_path / "cache")
-    reader.verify(ds)
+    verify(reader, ds)
     coffee = next(e for e in reader.items if e["caption"].startswith("coffee"))
     assert len(coffee["variants"]) == 3 and reader.meta["shuffle_variants"] == 3
     seen = set()
@@ -589,7 +591,7 @@ def test_deleted_shard_is_reported_and_reencoded(tmp_path, photos):
     report = build(ds, tmp_path / "cache", FakeVAE(), clip)
     assert report.texts_encoded == 5 and report.latents_encoded == 0
     assert f"{shard.name} (is missing)" in report.summary()
-    CacheReader(tmp_path / "cache").verify(ds, deep=True)
+    verify(CacheReader(tmp_path / "cache"), ds, deep=True)
 
 
 def test_duplicate_shards_from_an_interrupted_run_are_collected(tmp_path, photos):
@@ -603,7 +605,7 @@ def test_duplicate_shards_from_an_interrupted_run_are_collected(tmp_path, photos
     report = build(ds, cache, FakeVAE(), FakeCLIP())
     assert report.texts_encoded == 0
     assert len(list((cache / "texts").rglob("*.safetensors"))) == 1
-    CacheReader(cache).verify(ds, deep=True)
+    verify(CacheReader(cache), ds, deep=True)
 
 
 def test_cache_files_are_readable_by_other_users(tmp_path, photos):

@@ -4,9 +4,11 @@
 serves the trainer aspect-bucketed batches from it. No ComfyUI import: encoders come in as callables.
 """
 
-from .builder import BuildReport, LatentEncoder, TextEncoder, TextEncoding, build_cache
+from ..data import Batch
+from .builder import BuildReport, build_cache
 from .keys import state_dict_identity, tensor_identity, truncate_tokens
-from .loader import Batch, CacheReader
+from .loader import CacheReader
+from .sd3 import LatentEncoder, TextEncoder, TextEncoding
 from .store import CacheWriteError, cache_fingerprint
 
 __all__ = [

@@ -84,8 +84,8 @@ class SourceDigests:
             return self.records[path]["sha256"]
         st = os.stat(path)
         old = self.known.get(path)
-        if old and old.get("size") == st.st_size and old.get("mtime_ns") == st.st_mtime_ns:
-            sha = str(old["sha256"])
+        if isinstance(old, dict) and (old.get("size"), old.get("mtime_ns")) == (st.st_size, st.st_mtime_ns):
+            sha = str(old.get("sha256"))
         else:
             sha = fs.file_sha256(path)
             self.hashed += 1
