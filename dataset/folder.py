@@ -4,6 +4,10 @@ Layout understood: ``name.png`` + ``name.txt`` (or ``name.caption``) pairs, opti
 kohya-style ``N_concept`` subfolders whose numeric prefix is the repeat count. A bad file in a
 large folder is reported in the manifest's notes and skipped, so one broken download does not
 stop a 2,000-image run; ``strict=True`` turns the first problem into an error instead.
+
+Links: a symlinked image, caption or manifest is followed only when its real path stays inside the
+allowed folders (the dataset folder itself by default; the node passes ComfyUI's input and output
+folders); any other is skipped with a note naming it (refused in strict mode) and never read.
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ._fs import fs
 from .images import IMAGE_EXTENSIONS, MAX_PIXELS, WHITE, Background, image_size, verify_image
 from .manifest import MANIFEST_NAME, Dataset, DatasetItem
 from .options import CAPTION_EXTENSIONS
@@ -66,11 +71,21 @@ def _caption_for(image: Path, caption_exts: tuple[str, ...]) -> Path | None:
     return None
 
 
-def _saved_repeats(root: Path) -> dict[str, int]:
+def _outside(path: Path, allowed: Sequence[fs.StrPath]) -> str | None:
+    """A note naming ``path`` if it is a link whose target lies outside ``allowed``, else None."""
+    if fs.is_inside(path, list(allowed)):
+        return None
+    return f"{path}: a link to {path.resolve()}, outside the allowed folders; skipped, never read"
+
+
+def _saved_repeats(root: Path, allowed: Sequence[fs.StrPath]) -> dict[str, int]:
     """Repeats by file name from a ``dataset.jsonl`` our Save node wrote in ``root`` (the flat
     saved layout has no kohya folders to carry them); empty if there is none or it is unreadable."""
     path = root / MANIFEST_NAME
     if not path.is_file():
+        return {}
+    if note := _outside(path, allowed):
+        logger.warning("%s", note)
         return {}
     try:
         saved = Dataset.read_jsonl(path)
@@ -91,13 +106,15 @@ def scan_folder(
     verify: bool = True,
     background: Background = WHITE,
     progress: Progress | None = None,
+    allowed: Sequence[fs.StrPath] | None = None,
 ) -> Dataset:
     """Build a manifest from the images under ``root``, sorted by relative path.
 
     Each image is checked here (size, EXIF orientation, bomb guard and, with ``verify``, a cheap
     full decode that catches truncation) so bad files are found now rather than mid-training. ``repeats`` > 0 sets every
     item's repeat count; 0 takes it from a kohya ``N_name`` folder, else from a ``dataset.jsonl``
-    our Save node left in ``root``, else 1. ``background`` is
+    our Save node left in ``root``, else 1. ``allowed``: the folders links may lead into (default
+    ``root``). ``background`` is
     recorded per item for compositing transparent images later (``render_item``). Raises ValueError
     if the folder is missing or holds no usable image, or (``strict``) on the first bad file or
     caption without an image.
@@ -105,6 +122,7 @@ def scan_folder(
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"dataset folder {root} does not exist or is not a folder")
+    allowed = [root] if allowed is None else list(allowed)
     pattern = "**/*" if recursive else "*"
     files = sorted(
         (
@@ -115,7 +133,7 @@ def scan_folder(
         key=lambda p: p.relative_to(root).as_posix(),
     )
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
-    saved_repeats = _saved_repeats(root)
+    saved_repeats = _saved_repeats(root, allowed)
     image_stems = {p.with_suffix("") for p in images}
     notes: list[str] = []
 
@@ -131,8 +149,10 @@ def scan_folder(
     items: list[DatasetItem] = []
     for i, path in enumerate(images):
         try:
-            size = verify_image(path, max_pixels) if verify else image_size(path, max_pixels)
             caption_path = _caption_for(path, caption_exts)
+            if note := _outside(path, allowed) or (caption_path and _outside(caption_path, allowed)):
+                raise ValueError(note)
+            size = verify_image(path, max_pixels) if verify else image_size(path, max_pixels)
             caption = read_caption(caption_path) if caption_path else ""
         except (ValueError, OSError) as err:
             problem(f"skipped: {err}" if isinstance(err, ValueError) else f"skipped: {path}: {err}")

@@ -36,8 +36,8 @@ def run_dir(lora_name: str) -> Path:
     asked for (not the ``_2`` version written), so ``resume`` finds them. Confined to that folder."""
     from ..training.fs import resolve_inside
 
-    runs = Path(folder_paths.get_output_directory()) / RUNS_FOLDER
-    return resolve_inside(runs, lora_name.strip().removesuffix(".safetensors"), "lora_name")
+    stem = lora_name.strip().removesuffix(".safetensors")  # a link at RUNS_FOLDER itself must not lead out either
+    return resolve_inside(folder_paths.get_output_directory(), f"{RUNS_FOLDER}/{stem}", "lora_name's run folder")
 
 
 def run_problems(lora_name: str, resume: bool) -> dict[str, str]:

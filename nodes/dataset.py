@@ -35,13 +35,16 @@ BACKGROUNDS = {"white": (255, 255, 255), "black": (0, 0, 0), "grey": (128, 128, 
 CAPTION_EXT_CHOICES = {".txt": (".txt",), ".caption": (".caption",), ".txt, then .caption": CAPTION_EXTENSIONS}
 
 
+def extra_dataset_dirs() -> list[str]:
+    return [p for p in os.environ.get(ALLOWED_DIRS_ENV, "").split(os.pathsep) if p.strip()]
+
+
 def resolve_dataset_folder(folder: str) -> Path:
     """A folder under ComfyUI's input directory, or an absolute path inside a directory listed in
     the SD35_TUNER_DATASET_DIRS environment variable; ValueError otherwise."""
     input_dir = folder_paths.get_input_directory()
     if os.path.isabs(folder.strip()):
-        allowed = [p for p in os.environ.get(ALLOWED_DIRS_ENV, "").split(os.pathsep) if p.strip()]
-        if not is_inside(folder.strip(), [input_dir, *allowed]):
+        if not is_inside(folder.strip(), [input_dir, *extra_dataset_dirs()]):
             raise ValueError(
                 f"dataset folder '{folder}' is outside ComfyUI's input folder; give a path relative to {input_dir}, "
                 f"or list its parent in the {ALLOWED_DIRS_ENV} environment variable before starting ComfyUI"
@@ -159,6 +162,7 @@ class LoadDataset(io.ComfyNode):
             strict=strict,
             background=BACKGROUNDS[background],
             progress=progress_callback(),
+            allowed=[folder_paths.get_input_directory(), folder_paths.get_output_directory(), *extra_dataset_dirs()],
         )
         text = report(dataset, f"{len(dataset)} image(s) from {root}")
         return io.NodeOutput(dataset, len(dataset), text, ui={"text": [text]})

@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from training import fs
 from training.cache import CacheReader, store
+
+
+def neighbourhood(root: Path, skip: Path) -> dict[str, str]:
+    """Every file and link under ``root`` except ``skip``: relative path -> content hash or link target."""
+    out = {}
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if Path(folder, d) != skip]
+        for name in [*files, *(d for d in dirs if Path(folder, d).is_symlink())]:
+            p = Path(folder, name)
+            out[str(p.relative_to(root))] = f"-> {os.readlink(p)}" if p.is_symlink() else fs.file_sha256(p)
+    return out
 
 
 def raw_latent(reader: CacheReader, item_index: int, flipped: bool = False) -> torch.Tensor:

@@ -6,10 +6,11 @@ the same server on the same rendered pixels: ``vae.encode`` and ``clip.encode_fr
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,9 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from dataset.images import render_item
 from dataset.manifest import CropBox, DatasetItem
-from tests.cache_checks import cached_text, raw_latent, verify
+from tests.cache_checks import cached_text, neighbourhood, raw_latent, verify
 from tools import paths
 from tools.comfy_server import ComfyError, ComfyServer, execution_error
+from training import fs
 from training.cache import CacheReader
 
 NODE = "SD35TunerCacheLatents"
@@ -284,23 +286,19 @@ def test_cache_name_outside_the_output_folder_is_refused(comfy, dataset_folder):
         comfy.run(graph(comfy, dataset_folder, "../escape"))
 
 
-def test_read_only_cache_folder_gives_a_clear_error(comfy, dataset_folder):
-    folder = comfy.base_dir / "output" / "sd35cache" / "readonly"
-    folder.mkdir(parents=True, exist_ok=True)
-    root = os.geteuid() == 0
-    if not root:
-        folder.chmod(0o555)
-    elif subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
-        pytest.skip("cannot make a folder read-only here (root without CAP_LINUX_IMMUTABLE)")
-    try:
-        message = error_of(comfy, graph(comfy, dataset_folder, "sd35cache/readonly"))
-        assert re.search(r"CacheWriteError: .*cannot write the cache at \S*readonly: .*read-only", message), message
-    finally:
-        if root:
-            subprocess.run(["chattr", "-i", str(folder)], check=True)
-        else:
-            folder.chmod(0o755)
-    assert list(folder.iterdir()) == []
+def test_unwritable_cache_folder_gives_a_clear_error(comfy, dataset_folder):
+    """A file where the cache folder should be: unwritable for every user, root included (the read-only
+    flavours of the same error are unit tests, tests/unit/test_cache_library.py)."""
+    blocked = comfy.base_dir / "output" / "sd35cache" / "blocked"
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_bytes(b"a file, not a folder")
+    message = error_of(comfy, graph(comfy, dataset_folder, "sd35cache/blocked"))
+    assert re.search(r"CacheWriteError: .*cannot write the cache at \S*blocked: a file is in the way", message), (
+        message
+    )
+    assert blocked.read_bytes() == b"a file, not a folder"
+    blocked.unlink()
+    assert counts(summary(comfy.run(graph(comfy, dataset_folder, "sd35cache/blocked"))))["latents"] == (3, 0)
 
 
 def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, tmp_path, first):
@@ -375,3 +373,73 @@ def test_cancel_mid_run_keeps_whole_shards_and_the_rerun_completes(comfy):
     latents = counts(summary(entry))["latents"]
     assert latents[1] >= 1 and sum(latents) == 5 and counts(summary(entry))["texts"] == (0, 6), summary(entry)
     verify(CacheReader(cache), deep=True)
+
+
+# -- issue 11: crafted, deleted, damaged and contended caches through the real server --------------------
+
+
+def _outside_cache(comfy, cache: Path) -> dict[str, str]:
+    """Hashes of everything a cache run could wrongly touch: input/, output/ (minus the cache), the victims."""
+    return {name: neighbourhood(comfy.base_dir / name, cache) for name in ("input", "output", "victims")}
+
+
+def test_a_crafted_index_cannot_touch_files_outside_the_cache(comfy, dataset_folder, first):
+    cache = comfy.base_dir / "output" / "sd35cache" / "crafted"
+    comfy.run(graph(comfy, dataset_folder, "sd35cache/crafted"))
+    victims = comfy.base_dir / "victims"
+    (victims / "128x128").mkdir(parents=True, exist_ok=True)
+    (victims / "victim.safetensors").write_bytes(b"precious")
+    (victims / "128x128" / "v.safetensors").write_bytes(b"precious too")
+    (cache / "latents" / "evil").symlink_to(victims, target_is_directory=True)
+    index = json.loads((cache / "index.json").read_text())
+    for rel in ("../../../victims/victim.safetensors", "latents/evil/128x128/v.safetensors"):
+        index["shards"][rel] = {"bytes": 8, "kind": "latent", "identity": "x"}
+    (cache / "index.json").write_text(json.dumps(index))
+    before = _outside_cache(comfy, cache)
+    text = summary(comfy.run(graph(comfy, dataset_folder, "sd35cache/crafted")))  # index changed: re-executed
+    assert _outside_cache(comfy, cache) == before
+    assert "refused 2 index entries (left untouched)" in text and "'../../../victims/victim.safetensors'" in text
+    assert counts(text) == {"latents": (0, 3), "texts": (0, 6)}
+    verify(CacheReader(cache), deep=True)
+
+
+def test_a_cache_deleted_while_comfyui_runs_is_rebuilt_on_the_next_queue(comfy, dataset_folder, first):
+    cache = comfy.base_dir / "output" / "sd35cache" / "deleted"
+    assert counts(summary(comfy.run(graph(comfy, dataset_folder, "sd35cache/deleted"))))["latents"] == (3, 0)
+    shutil.rmtree(cache)
+    comfy.run(graph(comfy, dataset_folder, "sd35cache/deleted"))  # same graph, nothing else changed
+    verify(CacheReader(cache), deep=True)
+    (cache / "index.json").unlink()
+    text = summary(comfy.run(graph(comfy, dataset_folder, "sd35cache/deleted")))
+    assert counts(text) == {"latents": (0, 3), "texts": (0, 6)}  # rebuilt from the shards it found
+    verify(CacheReader(cache), deep=True)
+
+
+@pytest.mark.parametrize("damage", [b"\xff" * 64, bytes(range(64))], ids=["nan_after_0xff", "finite_bytes"])
+def test_shard_bytes_changed_with_size_and_mtime_kept_are_repaired_on_the_next_queue(
+    comfy, dataset_folder, first, damage
+):
+    name = f"sd35cache/flipped_{damage[0]}"
+    cache = comfy.base_dir / "output" / name
+    comfy.run(graph(comfy, dataset_folder, name))
+    shard = next((cache / "latents").rglob("*.safetensors"))
+    st = shard.stat()
+    with open(shard, "r+b") as f:
+        f.seek(st.st_size - len(damage))
+        f.write(damage)
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ValueError, match=rf"{shard.name}: content hash does not match"):
+        CacheReader(cache)
+    text = summary(comfy.run(graph(comfy, dataset_folder, name)))
+    assert "repaired 1 damaged shard" in text and "content hash does not match" in text
+    reader = CacheReader(cache)
+    for i, ref in enumerate(first["refs"]):
+        torch.testing.assert_close(raw_latent(reader, i), ref["latent"].float(), rtol=0, atol=1e-5)
+
+
+def test_a_cache_in_use_by_another_process_is_refused_naming_it(comfy, dataset_folder, first):
+    cache = comfy.base_dir / "output" / "sd35cache" / "busy"
+    with fs.folder_lock(cache, "another cache build"):
+        message = error_of(comfy, graph(comfy, dataset_folder, "sd35cache/busy"))
+    assert re.search(rf"FolderInUseError: \S*busy is in use by process {os.getpid()} on host .*another cache", message)
+    assert counts(summary(comfy.run(graph(comfy, dataset_folder, "sd35cache/busy"))))["latents"] == (3, 0)

@@ -300,32 +300,47 @@ build_cache(ds, {str(tmp_path / "cache")!r}, LatentEncoder("vae-a", slow, 16), F
         torch.testing.assert_close(raw_latent(reader, i), expected_latent(vae, item), rtol=0, atol=1e-6)
 
 
-def _make_read_only(path: Path) -> bool:
-    if os.geteuid() != 0:
-        path.chmod(0o555)
-        return True
-    return subprocess.run(["chattr", "+i", str(path)], capture_output=True).returncode == 0
+def _refuse_writes_under(monkeypatch, folder: Path, code: int) -> None:
+    """The kernel's answer for a read-only or forbidden folder, at the system calls that create files or folders
+    (chmod and chattr cannot make a folder read-only for root without special capabilities, so this always runs)."""
+    real_open, real_mkdir = os.open, os.mkdir
+
+    def inside(path) -> bool:
+        return Path(path).resolve() == folder.resolve() or folder.resolve() in Path(path).resolve().parents
+
+    def guarded_open(path, flags, *args, **kwargs):
+        if flags & (os.O_CREAT | os.O_WRONLY | os.O_RDWR) and inside(path):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def guarded_mkdir(path, *args, **kwargs):
+        if inside(path):
+            raise OSError(code, os.strerror(code), str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", guarded_open)
+    monkeypatch.setattr(os, "mkdir", guarded_mkdir)
 
 
-def _make_writable(path: Path) -> None:
-    if os.geteuid() != 0:
-        path.chmod(0o755)
-    else:
-        subprocess.run(["chattr", "-i", str(path)], capture_output=True)
-
-
-def test_read_only_cache_folder_gives_a_clear_error(tmp_path, photos):
+@pytest.mark.parametrize(
+    ("code", "reason"),
+    [
+        (errno.EROFS, "the file system is read-only"),
+        (errno.EACCES, "permission denied .*read-only for this user"),
+        (errno.EPERM, "operation not permitted .*read-only or immutable"),
+    ],
+)
+def test_read_only_cache_folder_gives_a_clear_error(tmp_path, photos, monkeypatch, code, reason):
     ds = make_dataset(tmp_path / "ds", photos)
     cache = tmp_path / "cache"
     cache.mkdir()
-    if not _make_read_only(cache):
-        pytest.skip("cannot make a folder read-only here (root without CAP_LINUX_IMMUTABLE)")
-    try:
-        with pytest.raises(CacheWriteError, match=r"cannot write the cache at .*cache: .*read-only"):
-            build(ds, cache, FakeVAE(), FakeCLIP())
-    finally:
-        _make_writable(cache)
+    _refuse_writes_under(monkeypatch, cache, code)
+    with pytest.raises(CacheWriteError, match=rf"cannot write the cache at .*cache: {reason}"):
+        build(ds, cache, FakeVAE(), FakeCLIP())
+    monkeypatch.undo()
     assert list(cache.iterdir()) == []
+    build(ds, cache, FakeVAE(), FakeCLIP())  # writable again: the same call succeeds
+    verify(CacheReader(cache), ds, deep=True)
 
 
 def test_disk_full_while_writing_leaves_the_previous_index_intact(tmp_path, photos, monkeypatch):

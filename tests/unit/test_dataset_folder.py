@@ -89,3 +89,47 @@ def test_the_chosen_background_travels_with_the_items(tmp_path: Path) -> None:
     assert rendered.getpixel((5, 5)) == (255, 0, 0) and rendered.getpixel((55, 5)) == (0, 0, 255)
     default = next(i for i in scan_folder(tmp_path).items if i.source == item.source)
     assert "background" not in default.flags and render_item(default).getpixel((55, 5)) == (255, 255, 255)
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_links_leading_outside_the_allowed_folders_are_skipped_naming_them(sample: Path, tmp_path: Path) -> None:
+    """A planted file link to a photo (or a caption) outside the dataset folder is never read or copied."""
+    photo = (sample / "coffee.jpg").read_bytes()
+    outside = tmp_path / "private"
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(photo)
+    (outside / "secret.txt").write_text("private caption")
+    root = tmp_path / "input" / "set"
+    (root / ".store").mkdir(parents=True)
+    (root / "good.jpg").write_bytes(photo)
+    (root / "link.png").symlink_to(outside / "secret.png")
+    (root / "cap.jpg").write_bytes(photo)
+    (root / "cap.txt").symlink_to(outside / "secret.txt")  # the caption of a good image leads out
+    (root / ".store" / "real.jpg").write_bytes(photo)
+    (root / "inner.jpg").symlink_to(root / ".store" / "real.jpg")  # stays inside: followed
+    before = _tree(outside)
+    ds = scan_folder(root)
+    assert sorted(Path(i.source).name for i in ds.items) == ["good.jpg", "real.jpg"]
+    notes = "\n".join(ds.notes)
+    assert f"{root / 'link.png'}: a link to {outside / 'secret.png'}, outside the allowed folders" in notes
+    assert f"{root / 'cap.txt'}: a link to {outside / 'secret.txt'}, outside the allowed folders" in notes
+    assert all("private caption" not in i.caption for i in ds.items)
+    with pytest.raises(ValueError, match=r"cap.txt: a link to .*secret.txt, outside the allowed folders.*strict"):
+        scan_folder(root, strict=True)
+    allowed = scan_folder(root, allowed=[tmp_path])  # the node passes ComfyUI's input and output folders
+    assert sorted(Path(i.source).name for i in allowed.items) == ["cap.jpg", "good.jpg", "real.jpg", "secret.png"]
+    assert _tree(outside) == before
+
+
+def test_a_linked_manifest_outside_the_folder_is_ignored(sample: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    Dataset((), root=str(outside)).write_jsonl(outside / "dataset.jsonl")
+    root = tmp_path / "set"
+    root.mkdir()
+    (root / "a.jpg").write_bytes((sample / "coffee.jpg").read_bytes())
+    (root / "dataset.jsonl").symlink_to(outside / "dataset.jsonl")
+    assert [i.repeats for i in scan_folder(root).items] == [1]

@@ -107,6 +107,28 @@ def test_output_path_is_confined_and_versioned(tmp_path):
             output_path(tmp_path, bad)
 
 
+@pytest.mark.parametrize(
+    "name", [".", ".safetensors", "..safetensors", ".hidden", "people/.hidden", "a//b", "style/", "./x"]
+)
+def test_names_that_would_make_hidden_or_unlisted_files_are_refused(tmp_path, name):
+    """'.' would write '..safetensors', a file ComfyUI's LoRA list never shows."""
+    from training.export import output_path
+
+    with pytest.raises(ValueError, match=r"lora_name .* is not a plain file name.*no part starting with '\.'"):
+        output_path(tmp_path, name)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_planted_link_in_the_lora_folder_is_not_followed_outside(tmp_path):
+    from training.export import output_path
+
+    (tmp_path / "loras").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "loras" / "people").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"lora_name 'people/style.safetensors' resolves to .*elsewhere.*outside"):
+        output_path(tmp_path / "loras", "people/style")
+
+
 def test_written_files_are_readable_by_other_users(tmp_path):
     import stat
 
