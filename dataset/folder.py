@@ -95,6 +95,16 @@ def _saved_repeats(root: Path, allowed: Sequence[fs.StrPath]) -> dict[str, int]:
     return {Path(item.source).name: item.repeats for item in saved.items if Path(item.source).parent == root.resolve()}
 
 
+def _visible_files(root: Path, recursive: bool) -> list[Path]:
+    """Files under ``root`` (no hidden file or folder), sorted by relative path."""
+    found = (
+        p
+        for p in root.glob("**/*" if recursive else "*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
 def scan_folder(
     root: str | os.PathLike[str],
     *,
@@ -111,11 +121,11 @@ def scan_folder(
     """Build a manifest from the images under ``root``, sorted by relative path.
 
     Each image is checked here (size, EXIF orientation, bomb guard and, with ``verify``, a cheap
-    full decode that catches truncation) so bad files are found now rather than mid-training. ``repeats`` > 0 sets every
-    item's repeat count; 0 takes it from a kohya ``N_name`` folder, else from a ``dataset.jsonl``
-    our Save node left in ``root``, else 1. ``allowed``: the folders links may lead into (default
-    ``root``). ``background`` is
-    recorded per item for compositing transparent images later (``render_item``). Raises ValueError
+    full decode that catches truncation) so bad files are found now rather than mid-training.
+    ``repeats`` > 0 sets every item's repeat count; 0 takes it from a kohya ``N_name`` folder, else
+    from a ``dataset.jsonl`` our Save node left in ``root``, else 1. ``allowed``: the folders links
+    may lead into (default ``root``). ``background`` is recorded per item for compositing
+    transparent images later (``render_item``). Raises ValueError
     if the folder is missing or holds no usable image, or (``strict``) on the first bad file or
     caption without an image.
     """
@@ -123,15 +133,7 @@ def scan_folder(
     if not root.is_dir():
         raise ValueError(f"dataset folder {root} does not exist or is not a folder")
     allowed = [root] if allowed is None else list(allowed)
-    pattern = "**/*" if recursive else "*"
-    files = sorted(
-        (
-            p
-            for p in root.glob(pattern)
-            if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
-        ),
-        key=lambda p: p.relative_to(root).as_posix(),
-    )
+    files = _visible_files(root, recursive)
     images = [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
     saved_repeats = _saved_repeats(root, allowed)
     image_stems = {p.with_suffix("") for p in images}

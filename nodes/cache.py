@@ -25,10 +25,13 @@ LOCATIONS = ("output", "temp")
 
 
 def cache_dir(cache_name: str, location: str) -> Path:
-    from ..training.cache.store import confined_dir
+    from ..training.fs import resolve_inside
 
     base = folder_paths.get_temp_directory() if location == "temp" else folder_paths.get_output_directory()
-    return confined_dir(base, cache_name)
+    folder = resolve_inside(base, cache_name, "cache_name")
+    if folder == Path(base).resolve():
+        raise ValueError(f"cache_name '{cache_name}' names no sub-folder: give one such as 'sd35_cache/my_dataset'")
+    return folder
 
 
 def vae_encoder(vae, tile_above: int) -> LatentEncoder:

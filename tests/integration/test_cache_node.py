@@ -398,7 +398,9 @@ def test_a_crafted_index_cannot_touch_files_outside_the_cache(comfy, dataset_fol
     before = _outside_cache(comfy, cache)
     text = summary(comfy.run(graph(comfy, dataset_folder, "sd35cache/crafted")))  # index changed: re-executed
     assert _outside_cache(comfy, cache) == before
-    assert "refused 2 index entries (left untouched)" in text and "'../../../victims/victim.safetensors'" in text
+    # the two planted entries, and the file the planted link exposes to the folder scan
+    assert "refused 3 index entries (left untouched)" in text and "'../../../victims/victim.safetensors'" in text
+    assert "'latents/evil/128x128/v.safetensors' resolves to" in text and "'latents/evil/victim.safetensors'" in text
     assert counts(text) == {"latents": (0, 3), "texts": (0, 6)}
     verify(CacheReader(cache), deep=True)
 

@@ -29,10 +29,10 @@ def _victims(comfy):
 def test_an_image_link_leading_outside_comfyui_folders_is_skipped_and_never_copied(comfy):
     tag = uuid.uuid4().hex[:6]
     victims = _victims(comfy)
-    Image.fromarray(photo("coffee")).resize((96, 64)).save(victims / f"secret_{tag}.png")
+    Image.fromarray(photo("coffee")).resize((256, 192)).save(victims / f"secret_{tag}.png")
     folder = comfy.base_dir / "input" / f"links_{tag}"
     folder.mkdir()
-    Image.fromarray(photo("astronaut")).resize((96, 96)).save(folder / "good.png")
+    Image.fromarray(photo("astronaut")).resize((256, 256)).save(folder / "good.png")
     (folder / "link.png").symlink_to(victims / f"secret_{tag}.png")
     before = neighbourhood(victims, victims / "none")
     info = comfy.object_info()

@@ -107,6 +107,14 @@ def build(ds: Dataset, cache: Path, vae: FakeVAE, clip: FakeCLIP, **kw):
     return build_cache(ds, cache, vae.encoder(), clip.encoder(), render=render_item, **kw)
 
 
+def assert_cache_holds(cache: Path, ds: Dataset, vae: FakeVAE) -> None:
+    """The cache matches ``ds`` (every shard re-hashed) and holds exactly ``vae``'s latents of its items."""
+    reader = CacheReader(cache)
+    verify(reader, ds, deep=True)
+    for i, item in enumerate(ds.items):
+        torch.testing.assert_close(raw_latent(reader, i), expected_latent(vae, item), rtol=0, atol=1e-6)
+
+
 def expected_latent(vae: FakeVAE, item: DatasetItem, flip: bool = False) -> torch.Tensor:
     px = torch.from_numpy(np.asarray(render_item(item), dtype=np.float32) / 255.0)
     px = px.flip(1) if flip else px
@@ -200,10 +208,7 @@ def test_truncated_shard_is_detected_and_repaired(tmp_path, photos, caplog):
     assert "damaged" in caplog.text and shard.name in caplog.text
     assert report.latents_encoded == sum(1 for i in ds.items if f"{i.bucket[0]}x{i.bucket[1]}" == shard.parent.name)
     assert report.repaired and "repaired 1 damaged shard" in report.summary()
-    reader = CacheReader(tmp_path / "cache")
-    verify(reader, ds, deep=True)
-    for i, item in enumerate(ds.items):
-        torch.testing.assert_close(raw_latent(reader, i), expected_latent(vae, item), rtol=0, atol=1e-6)
+    assert_cache_holds(tmp_path / "cache", ds, vae)
 
 
 def test_same_size_corruption_is_caught_by_the_hash(tmp_path, photos):
@@ -239,10 +244,7 @@ def test_cancel_midway_keeps_whole_shards_and_next_run_completes(tmp_path, photo
     vae, clip = FakeVAE(), FakeCLIP()
     report = build(ds, tmp_path / "cache", vae, clip, batch_size=2)
     assert (report.texts_encoded, report.latents_encoded, report.latents_reused) == (0, 1, 3)
-    reader = CacheReader(tmp_path / "cache")
-    verify(reader, ds, deep=True)
-    for i, item in enumerate(ds.items):
-        torch.testing.assert_close(raw_latent(reader, i), expected_latent(vae, item), rtol=0, atol=1e-6)
+    assert_cache_holds(tmp_path / "cache", ds, vae)
 
 
 def test_shards_written_by_a_killed_run_without_index_are_adopted(tmp_path, photos):
@@ -294,10 +296,7 @@ build_cache(ds, {str(tmp_path / "cache")!r}, LatentEncoder("vae-a", slow, 16), F
     vae = FakeVAE()
     report = build(ds, tmp_path / "cache", vae, FakeCLIP())
     assert report.latents_reused == 1 and report.latents_encoded == 3 and report.texts_encoded == 0
-    reader = CacheReader(tmp_path / "cache")
-    verify(reader, ds, deep=True)
-    for i, item in enumerate(ds.items):
-        torch.testing.assert_close(raw_latent(reader, i), expected_latent(vae, item), rtol=0, atol=1e-6)
+    assert_cache_holds(tmp_path / "cache", ds, vae)
 
 
 def _refuse_writes_under(monkeypatch, folder: Path, code: int) -> None:
@@ -630,3 +629,13 @@ def test_cache_files_are_readable_by_other_users(tmp_path, photos):
     files = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.name != ".sd35-tuner.lock"]
     assert len(files) >= 4 and {p.suffix for p in files} == {".json", ".safetensors"}
     assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
+
+
+def test_small_shards_never_split_an_entry(tmp_path, photos):
+    """Every flush boundary (one entry per shard here) keeps a text's cond and pooled together."""
+    ds = make_dataset(tmp_path / "ds", photos)
+    vae = FakeVAE()
+    report = build(ds, tmp_path / "cache", vae, FakeCLIP(), shard_bytes=1)
+    index = json.loads((tmp_path / "cache" / "index.json").read_text())
+    assert len(index["shards"]) == report.latents_encoded + report.texts_encoded == 4 + 5
+    assert_cache_holds(tmp_path / "cache", ds, vae)

@@ -89,16 +89,19 @@ class BuildReport:
                 f"{len(self.truncated)} caption(s) longer than {MAX_TOKENS} tokens were truncated to {MAX_TOKENS} "
                 f"tokens per text encoder (first: {self.truncated[0][:80]!r})"
             )
-        if self.repaired:
-            lines.append(f"repaired {len(self.repaired)} damaged shard(s): {', '.join(self.repaired[:3])}")
-        if self.refused:
-            lines.append(
-                f"refused {len(self.refused)} index entr{'y' if len(self.refused) == 1 else 'ies'} "
-                f"(left untouched): {'; '.join(self.refused[:3])}"
-            )
-        if self.stale_removed:
-            lines.append(f"removed {self.stale_removed} stale entr{'y' if self.stale_removed == 1 else 'ies'}")
+        refused = f"refused {len(self.refused)} index {_entries(len(self.refused))} (left untouched)"
+        for present, line in (
+            (self.repaired, f"repaired {len(self.repaired)} damaged shard(s): {', '.join(self.repaired[:3])}"),
+            (self.refused, f"{refused}: {'; '.join(self.refused[:3])}"),
+            (self.stale_removed, f"removed {self.stale_removed} stale {_entries(self.stale_removed)}"),
+        ):
+            if present:
+                lines.append(line)
         return "\n".join(lines)
+
+
+def _entries(n: int) -> str:
+    return "entry" if n == 1 else "entries"
 
 
 class _ShardWriter:
@@ -115,9 +118,11 @@ class _ShardWriter:
         self.flush()
         self.phase = (kind, identity, bucket)
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        self.pending[name] = narrow(tensor)
-        self.size += tensor.numel() * 4
+    def add(self, entry: dict[str, torch.Tensor]) -> None:
+        """One entry's tensors (a latent, or a text's cond + pooled), always kept in one shard."""
+        for name, tensor in entry.items():
+            self.pending[name] = narrow(tensor)
+            self.size += tensor.numel() * 4
         if self.size >= self.limit:
             self.flush()
 
@@ -144,8 +149,7 @@ def _encode_texts(
         enc = encoder.encode(caption)
         check_text(encoder, enc, caption, text_len)
         text_len, truncated[key] = enc.cond.shape[1], enc.truncated
-        out.add(f"{key}.cond", enc.cond[0])
-        out.add(f"{key}.pooled", enc.pooled.reshape(-1))
+        out.add({f"{key}.cond": enc.cond[0], f"{key}.pooled": enc.pooled.reshape(-1)})
         report.texts_encoded += 1
         tick(1)
     out.flush()
@@ -175,7 +179,7 @@ def _encode_latents(
             del pixels
             check_latents(encoder, latents, bucket, [item.source for _, item, _ in chunk])
             for (key, _, _), lat in zip(chunk, latents, strict=True):
-                out.add(key, lat)
+                out.add({key: lat})
             report.latents_encoded += len(chunk)
             tick(len(chunk))
     out.flush()
@@ -303,7 +307,8 @@ def build_cache(
         except ValueError as err:
             logger.warning("SD3.5 Tuner cache: %s; rebuilding the index from the shards on disk", err)
             old = None
-        fs.remove_stale_temps(cache_dir, recursive=True, locked=True)
+        for folder in (cache_dir, cache_dir / "latents", cache_dir / "texts"):  # only where the cache writes
+            fs.remove_stale_temps(folder, recursive=folder != cache_dir, locked=True)
         shards = ShardSet(cache_dir, old)
         sources = SourceDigests(store.mapping(old, "sources"))
         plan = make_plan(

@@ -230,10 +230,3 @@ def cache_fingerprint(cache_dir: Path) -> str:
         except (OSError, ValueError):
             h.update(f"{rel}|missing or refused;".encode())
     return h.hexdigest()
-
-
-def confined_dir(base: str | os.PathLike[str], name: str, field: str = "cache_name") -> Path:
-    """``base/name`` if it is a sub-folder of ``base`` (``fs.resolve_inside``); ValueError otherwise."""
-    if not name.strip():
-        raise ValueError(f"{field} is empty: give a folder name such as 'sd35_cache/my_dataset'")
-    return fs.resolve_inside(base, name, field)
