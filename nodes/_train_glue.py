@@ -33,7 +33,7 @@ def base_model_path(choice: str) -> Path:
 
 def run_dir(lora_name: str) -> Path:
     """``output/sd35_tuner_runs/<lora_name>``: checkpoints and validation samples of the run, keyed by the name
-    asked for (not the ``_2`` version written), so ``resume`` finds them. Confined to that folder."""
+    asked for (not the ``_2`` version written), so ``resume`` finds them. Resolved and confined to output/."""
     from ..training.fs import resolve_inside
 
     stem = lora_name.strip().removesuffix(".safetensors")  # a link at RUNS_FOLDER itself must not lead out either
