@@ -41,16 +41,23 @@ class FrontendSession:
     def unexpected_errors(self) -> list[str]:
         return [e for e in self.console_errors if not any(noise in e for noise in EXPECTED_NOISE)]
 
-    def load_workflow(self, workflow: dict[str, Any], name: str = "workflow.json") -> list[str]:
-        """Load a UI-format workflow like a user opening the file; return node types the frontend lacks."""
+    def load_workflow(
+        self, workflow: dict[str, Any], name: str = "workflow.json", missing_models: bool = False
+    ) -> list[str]:
+        """Load a UI-format workflow like a user opening the file; return node types the frontend lacks.
+
+        The frontend's missing-models warning (a dialog in 1.32, the errors panel in newer ones) stays
+        quiet unless ``missing_models``: the bundled workflows name SD3.5 files this machine lacks.
+        """
         return self.page.evaluate(
-            """async ([wf, name]) => {
-                await window.app.loadGraphData(wf, true, true, name);
+            """async ([wf, name, missingModels]) => {
+                const quiet = {showMissingModelsDialog: missingModels, silentAssetErrors: !missingModels};
+                await window.app.loadGraphData(wf, true, true, name, quiet);
                 return window.app.graph.nodes
                     .filter((n) => !(n.type in window.LiteGraph.registered_node_types))
                     .map((n) => n.type);
             }""",
-            [workflow, name],
+            [workflow, name, missing_models],
         )
 
     def node_types(self) -> list[str]:

@@ -1,7 +1,7 @@
 """The main job: the bundled workflows, end to end, in a real headless ComfyUI on the built-in models.
 
 Folder of photos -> dataset (smart crop + captions) -> latent/text cache -> SD3.5 LoRA training
-(loss chart) -> CFG vs APG comparison. Each stage is a bundled workflow from ``workflows/``,
+(loss chart) -> CFG vs APG comparison. Each stage is a bundled workflow from ``example_workflows/``,
 converted to an API prompt exactly as the frontend would queue it, with the model pickers pointed
 at the built-in tiny models and image sizes shrunk for a CPU. Stages whose workflow is not in this
 checkout are reported and skipped. Results are copied to ``--out`` (default ``out/main_job``).
@@ -24,6 +24,7 @@ from . import paths
 from .builtin import point_at_builtin_models
 from .comfy_server import ComfyServer
 from .workflow_api import set_inputs, ui_to_api
+from .workflow_specs import PIPELINE, bundled
 
 log = logging.getLogger("main_job")
 
@@ -53,16 +54,16 @@ def _shrink_pipeline_for_cpu(prompt: dict[str, Any], server: ComfyServer) -> Non
 STAGES = [
     Stage(
         "folder -> crop -> caption -> cache -> LoRA -> CFG vs APG",
-        "sd35_tuner_pipeline.json",
+        PIPELINE,
         _shrink_pipeline_for_cpu,
     )
 ]
 
 
 def run_stage(server: ComfyServer, stage: Stage, size: int, out: Path) -> list[Path]:
-    path = paths.REPO / "workflows" / stage.workflow
+    path = bundled(stage.workflow)
     if not path.exists():
-        log.warning("skipped '%s': workflows/%s is not in this checkout", stage.name, stage.workflow)
+        log.warning("skipped '%s': %s is not in this checkout", stage.name, path)
         return []
     prompt = ui_to_api(json.loads(path.read_text()), server.object_info())
     point_at_builtin_models(prompt, size)
@@ -78,7 +79,7 @@ def run_stage(server: ComfyServer, stage: Stage, size: int, out: Path) -> list[P
             if item.get("type") != "output":
                 continue
             src = server.base_dir / "output" / item.get("subfolder", "") / item["filename"]
-            dst = out / f"{Path(stage.workflow).stem}-{title.replace(' ', '_')}-{item['filename']}"
+            dst = out / f"{title.replace(' ', '_')}-{item['filename']}"
             shutil.copy2(src, dst)
             copied.append(dst)
     return copied

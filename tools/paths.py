@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+WORKFLOWS = REPO / "example_workflows"  # the bundled workflows (ComfyUI serves them as templates)
 HOME = Path(os.environ.get("SD35_TUNER_HOME", Path.home() / ".cache" / "sd35-tuner"))
 VENV = HOME / "venv"
 COMFYUI = HOME / "comfyui"

@@ -1,4 +1,4 @@
-"""Turn a UI-format workflow (what the frontend saves, what workflows/ holds) into an API prompt.
+"""Turn a UI-format workflow (what the frontend saves, what example_workflows/ holds) into an API prompt.
 
 The frontend does this in ``graphToPrompt`` before queueing; headless runs (tests, the demo job)
 need the same without a browser. Widget values are matched to input names in the order the

@@ -14,8 +14,9 @@ from PIL import Image
 from tools.browser import frontend
 from tools.builtin import point_at_builtin_models
 from tools.workflow_api import set_inputs, ui_to_api
+from tools.workflow_specs import CFG_VS_APG, bundled
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "sd35_cfg_vs_apg.json"
+WORKFLOW = bundled(CFG_VS_APG)
 NODE = "SD35TunerCompareCFGAPG"
 VIEWER = ".sd35-apg-compare"
 

@@ -13,8 +13,9 @@ from dataset.manifest import Dataset
 from tools.browser import frontend, queue_from_frontend
 from tools.comfy_server import execution_error
 from tools.sample_data import SAMPLES, write_sample_folder
+from tools.workflow_specs import DATASET_PREP, bundled
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "dataset_prep.json"
+WORKFLOW = bundled(DATASET_PREP)
 
 
 @pytest.fixture(scope="module")

@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from tools import paths
 from tools.browser import frontend
 from tools.comfy_server import PACK_DIR_NAME
 from tools.workflow_api import ui_to_api
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOWS = sorted((REPO / "workflows").glob("*.json"))
+WORKFLOWS = sorted(paths.WORKFLOWS.glob("*.json"))
 SCRIPTS = sorted(p.relative_to(REPO / "web" / "js").as_posix() for p in (REPO / "web" / "js").rglob("*.js"))
 SHARED = [s for s in SCRIPTS if s.startswith("shared/")]  # imported by the extensions; register nothing
 EXTENSIONS = [s for s in SCRIPTS if s not in SHARED]
@@ -46,10 +47,22 @@ def test_shared_helpers_are_one_module_the_extensions_use(ui):
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
-def test_bundled_workflow_loads_with_no_missing_nodes(ui, path, tmp_path):
+def test_bundled_workflow_loads_with_no_missing_nodes_and_no_overlaps(ui, path, tmp_path):
     missing = ui.load_workflow(json.loads(path.read_text()), path.name)
     assert missing == []
     assert len(ui.node_types()) == len([n for n in json.loads(path.read_text())["nodes"]])
+    # as drawn: the frontend grows a node to fit its widgets, so check the live boxes, title bars included
+    clashes = ui.page.evaluate(
+        """() => {
+            const nodes = window.app.graph.nodes;
+            const box = (n) => { const [x, y, w, h] = n.getBounding(); return [x, y, x + w, y + h]; };
+            const hit = (a, b) => a[0] < b[2] && b[0] < a[2] && a[1] < b[3] && b[1] < a[3];
+            const out = [];
+            nodes.forEach((a, i) => nodes.slice(i + 1).forEach((b) => hit(box(a), box(b)) && out.push([a.title, b.title])));
+            return out;
+        }"""
+    )
+    assert clashes == []
     ui.screenshot(tmp_path / f"{path.stem}.png")
 
 

@@ -16,8 +16,9 @@ from dataset.manifest import Dataset
 from tools.comfy_server import execution_error
 from tools.sample_data import SAMPLES, photo, write_sample_folder, write_tiny_captioners
 from tools.workflow_api import ui_to_api
+from tools.workflow_specs import DATASET_PREP, bundled
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "dataset_prep.json"
+WORKFLOW = bundled(DATASET_PREP)
 NODE_IDS = (
     "SD35TunerLoadDataset",
     "SD35TunerSmartCrop",

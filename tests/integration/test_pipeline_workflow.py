@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -12,8 +11,9 @@ from safetensors import safe_open
 from tests.integration.test_train_workflow import sample_photos
 from tools.builtin import point_at_builtin_models
 from tools.workflow_api import set_inputs, ui_to_api
+from tools.workflow_specs import PIPELINE, bundled
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "sd35_tuner_pipeline.json"
+WORKFLOW = bundled(PIPELINE)
 
 
 def test_folder_to_lora_to_cfg_vs_apg(comfy):

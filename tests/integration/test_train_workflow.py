@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 from safetensors import safe_open
 
 from tools.builtin import point_at_builtin_models
 from tools.sample_data import write_sample_folder
 from tools.workflow_api import set_inputs, ui_to_api
+from tools.workflow_specs import TRAIN, bundled
 
-WORKFLOW = Path(__file__).resolve().parents[2] / "workflows" / "train_sd35_lora.json"
+WORKFLOW = bundled(TRAIN)
 
 
 def sample_photos(comfy, folder: str = "train_workflow_photos") -> str:

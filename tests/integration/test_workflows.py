@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
+from tools import paths
 from tools.comfy_server import PACK_DIR_NAME
 from tools.workflow_api import ui_to_api
 
-WORKFLOWS = sorted((Path(__file__).resolve().parents[2] / "workflows").glob("*.json"))
+WORKFLOWS = sorted(paths.WORKFLOWS.glob("*.json"))
 
 
 def test_bundled_workflows_are_listed_as_templates(comfy):
