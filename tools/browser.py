@@ -51,7 +51,7 @@ class FrontendSession:
         """
         return self.page.evaluate(
             """async ([wf, name, missingModels]) => {
-                const quiet = {showMissingModelsDialog: missingModels, silentAssetErrors: !missingModels};
+                const quiet = {showMissingModelsDialog: missingModels, skipAssetScans: !missingModels};
                 await window.app.loadGraphData(wf, true, true, name, quiet);
                 return window.app.graph.nodes
                     .filter((n) => !(n.type in window.LiteGraph.registered_node_types))

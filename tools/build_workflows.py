@@ -105,7 +105,7 @@ def layout(
 def build(page: Any, workflow: Workflow) -> dict[str, Any]:
     nodes = workflow.nodes()
     note = Node("note", "MarkdownNote", {"text": workflow.note}, "Read me", width=NOTE_WIDTH)
-    note.height = 12 * sum(1 + len(line) // 95 for line in workflow.note.splitlines()) + 60
+    note.height = 13 * sum(1 + len(line) // 90 for line in workflow.note.splitlines()) + 80
     created, note_created, title = page.evaluate(CREATE_JS, [[_node_spec(n) for n in nodes], _node_spec(note)])
     ids = {n.key: c[0] for n, c in zip(nodes, created, strict=True)}
     sizes = {n.key: (c[1], c[2]) for n, c in zip(nodes, created, strict=True)}
