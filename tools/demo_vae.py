@@ -9,14 +9,17 @@ is the identity on non-negative activations, and a signed signal ``s`` travels a
 - encode: latent channels 0-2 = ``A0·(8×8 mean of R, G, B − 0.5)`` (the picture as a 32×32
   thumbnail at 256 px); 3-11 = the horizontal, vertical and diagonal differences of the four 4×4
   quarter means of each cell, per colour, minus the share the neighbouring cells' means predict;
-  12-15 = 0. The encoder's output is the model-space latent: ComfyUI's taesd3 wrapper divides by SD3's
-  scale 1.5305 and adds its shift 0.0609, and the model's ``process_in`` undoes exactly that.
-- decode: per channel a separable smooth upsampling (3-tap filters at 1/8, 1/4, 1/2 and full
-  resolution after each nearest-neighbour doubling), detail channels through a derivative at 1/4.
+  12-15 = 0. ``A0`` gives the means about unit spread, as SD3's latents have (a diffusion model learns
+  a low-variance latent far more slowly). The encoder's output is the model-space latent: ComfyUI's
+  taesd3 wrapper divides by SD3's scale 1.5305 and adds its shift 0.0609, and ``process_in`` undoes it.
+- decode: TAESD first squashes latents with ``3·tanh(x/3)``; the mean channels are unsquashed again by
+  a piecewise-linear fit of ``3·atanh(y/3)`` (ReLU hinges). Then per channel a separable smooth
+  upsampling (3-tap filters after each nearest-neighbour doubling and at full resolution), detail
+  channels through a derivative at 1/4.
 
-The seven filter constants were fitted once by least squares on the pretraining photos (``--fit``
-re-derives them in about a minute); ``--measure`` prints the round-trip PSNR against the bar of a
-32×32 thumbnail blown up to the same size with Lanczos. ``reference_encode``/``reference_decode`` are
+The six filter constants were fitted once by least squares on the pretraining photos (``--fit``
+re-derives them in about a minute); ``python -m tools.demo_vae`` prints the round-trip PSNR against
+the bar of a 32×32 thumbnail blown up to the same size with Lanczos. ``reference_encode``/``reference_decode`` are
 the same codec in plain torch: the test oracle for what ComfyUI's VAEEncode/VAEDecode give.
 """
 
@@ -24,17 +27,19 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-A0 = 2.0  # latent = A0·(mean − 0.5) stays within ±1, where the decoder's tanh(x/3)·3 input clamp is near linear
-DETAIL_GAIN = 2.0  # detail channels are scaled up so the diffusion model sees them as signal
-SMOOTH = (-0.1115, 0.2119, 0.2603, 0.257, -2.2918)  # a of [a, 1-2a, a] at 1/8, 1/4, 1/2, 1, and the last conv
-DERIVATIVE = -0.3785  # detail taps [-c, 0, c] at 1/4 resolution
-GRADIENT_SHARE = 0.161  # share of the neighbours' mean difference taken out of a detail channel
+A0 = 6.0  # latent = A0·(mean − 0.5): within ±3, spread about 1.5 on photos
+DETAIL_GAIN = 1.0  # detail latents = DETAIL_GAIN·A0·difference: mostly within ±1, where 3·tanh(x/3) is near linear
+SMOOTH = (0.1687, 0.2632, 0.2572, -2.9113)  # a of [a, 1-2a, a] at 1/4, 1/2, 1 (after doubling) and the last conv
+DERIVATIVE = -0.5331  # detail taps [-c, 0, c] at 1/4 resolution
+GRADIENT_SHARE = 0.0076  # share of the neighbours' mean difference taken out of a detail channel
+KNOTS = (0.9, 1.5, 1.9, 2.15)  # hinge points of the unsquashing of the mean channels (3·tanh(1) = 2.28 at |x| = 3)
 LATENT_CHANNELS = 16
 WIDTH = 64
 CHAINS = 12  # latent channels in use: 3 means + 9 details; each travels as a (+, -) channel pair
@@ -57,12 +62,31 @@ def _derivative(c: Tensor | float) -> Tensor:
     return torch.stack([-c, torch.zeros_like(c), c])
 
 
+@lru_cache(maxsize=1)
+def unsquash() -> tuple[float, tuple[float, ...]]:
+    """(slope, hinge weights) of ``slope·y + Σ w_k·(relu(y − t_k) − relu(−y − t_k)) ≈ 3·atanh(y/3)`` on the
+    range the mean channels use, by least squares (max error about 0.015 latent units, 0.3 % of a pixel)."""
+    z = torch.linspace(0, A0 / 2 + 0.3, 400, dtype=torch.float64)
+    y = 3 * torch.tanh(z / 3)
+    basis = torch.stack([y, *[torch.relu(y - t) for t in KNOTS]], dim=1)
+    solution = torch.linalg.lstsq(basis, z[:, None]).solution[:, 0]
+    return float(solution[0]), tuple(float(w) for w in solution[1:])
+
+
+def _unsquash_means(x: Tensor) -> Tensor:
+    slope, weights = unsquash()
+    means = slope * x[:, :3]
+    for t, w in zip(KNOTS, weights, strict=True):
+        means = means + w * (torch.relu(x[:, :3] - t) - torch.relu(-x[:, :3] - t))
+    return torch.cat([means, x[:, 3:]], dim=1)
+
+
 def _kernels(smooth: Sequence, derivative) -> list[list[Tensor]]:
-    """Per stage (1/8, 1/4, 1/2, 1, last conv), the 3×3 kernel of each of the 12 chains."""
+    """Per stage (1/4, 1/2, 1 after doubling, last conv), the 3×3 kernel of each of the 12 chains."""
     stages = []
     for index, a in enumerate(smooth):
         s = _taps(a)
-        if index == 1:
+        if index == 0:
             d = _derivative(derivative)
             per_kind = [torch.outer(s, s), torch.outer(s, d), torch.outer(d, s), torch.outer(d, d)]
         else:
@@ -91,12 +115,11 @@ def reference_encode(pixels: Tensor, share: Tensor | float = GRADIENT_SHARE) -> 
 def reference_decode(latent: Tensor, smooth: Sequence = SMOOTH, derivative=DERIVATIVE) -> Tensor:
     """[B, 16, h, w] model-space latents -> [B, 3, 8h, 8w] pixels (not clamped)."""
     stages = _kernels(smooth, derivative)
-    x = torch.tanh(latent[:, :CHAINS] / 3) * 3
-    for index, kernels in enumerate(stages[:4]):
-        if index:
-            x = F.interpolate(x, scale_factor=2, mode="nearest")
+    x = _unsquash_means(torch.tanh(latent[:, :CHAINS] / 3) * 3)
+    for kernels in stages[:3]:
+        x = F.interpolate(x, scale_factor=2, mode="nearest")
         x = F.conv2d(x, torch.stack(kernels)[:, None], padding=1, groups=CHAINS)
-    x = F.conv2d(x, torch.stack(stages[4])[:, None], padding=1, groups=CHAINS)
+    x = F.conv2d(x, torch.stack(stages[3])[:, None], padding=1, groups=CHAINS)
     gains = torch.tensor([1 / A0] * 3 + [1 / (DETAIL_GAIN * A0)] * 9).view(1, CHAINS, 1, 1)
     return 0.5 + (x * gains).reshape(x.shape[0], 4, 3, *x.shape[2:]).sum(dim=1)
 
@@ -170,14 +193,35 @@ def _signed(weight: Tensor, out: int, chain: int, kernel: Tensor) -> None:
 
 
 def decoder_weights() -> dict[str, Tensor]:
-    """TAESD decoder weights computing ``reference_decode``."""
+    """TAESD decoder weights computing ``reference_decode``.
+
+    The first conv (at 1/8) feeds ReLUs: per mean channel ``±y`` and ``±y − t_k`` (the unsquashing
+    hinges, channels 0-29), per detail channel ``±y`` (30-47). The conv after the first doubling sums each
+    chain's pieces into its (+, -) pair (channels 0-23), and the later convs keep that layout.
+    """
     stages = _kernels(SMOOTH, DERIVATIVE)
+    slope, weights = unsquash()
     sd: dict[str, Tensor] = {}
-    first = torch.zeros(WIDTH, LATENT_CHANNELS, 3, 3)
+    first, first_bias = torch.zeros(WIDTH, LATENT_CHANNELS, 3, 3), torch.zeros(WIDTH)
+    pieces: dict[int, list[tuple[int, float]]] = {}  # chain -> (channel, weight of its value in the chain)
+    channel = 0
     for chain in range(CHAINS):
-        first[2 * chain, chain], first[2 * chain + 1, chain] = stages[0][chain], -stages[0][chain]
-    sd["1.weight"], sd["1.bias"] = first, torch.zeros(WIDTH)
-    for index, stage in zip((7, 12, 17), stages[1:4], strict=True):
+        hinges = list(zip(KNOTS, weights, strict=True)) if chain < 3 else []
+        pieces[chain] = []
+        for offset, coef in ((0.0, slope if chain < 3 else 1.0), *hinges):
+            for sign in (1.0, -1.0):
+                first[channel, chain, 1, 1] = sign
+                first_bias[channel] = -offset
+                pieces[chain].append((channel, sign * coef))
+                channel += 1
+    sd["1.weight"], sd["1.bias"] = first, first_bias
+    up = torch.zeros(WIDTH, WIDTH, 3, 3)
+    for chain, parts in pieces.items():
+        for source, coef in parts:
+            up[2 * chain, source] = coef * stages[0][chain]
+            up[2 * chain + 1, source] = -coef * stages[0][chain]
+    sd["7.weight"] = up
+    for index, stage in zip((12, 17), stages[1:3], strict=True):
         weight = torch.zeros(WIDTH, WIDTH, 3, 3)
         for chain in range(CHAINS):
             _pair(weight, chain, chain, stage[chain])
@@ -185,7 +229,7 @@ def decoder_weights() -> dict[str, Tensor]:
     last = torch.zeros(3, WIDTH, 3, 3)
     for chain in range(CHAINS):
         gain = 1 / A0 if chain < 3 else 1 / (DETAIL_GAIN * A0)
-        _signed(last, chain % 3, chain, gain * stages[4][chain])
+        _signed(last, chain % 3, chain, gain * stages[3][chain])
     sd["19.weight"], sd["19.bias"] = last, torch.full((3,), 0.5)
     for index, kind in enumerate(DECODER):
         if kind == "block":
@@ -246,7 +290,7 @@ def fit(steps: int = 150, size: int = 256) -> list[float]:
     params = [torch.tensor(float(v), requires_grad=True) for v in (*SMOOTH, DERIVATIVE, GRADIENT_SHARE)]
     optimizer = torch.optim.Adam(params, lr=0.02)
     for _ in range(steps):
-        out = reference_decode(reference_encode(x, params[6]), params[:5], params[5])
+        out = reference_decode(reference_encode(x, params[5]), params[:4], params[4])
         loss = F.mse_loss(out, x)
         optimizer.zero_grad()
         loss.backward()
@@ -257,15 +301,18 @@ def fit(steps: int = 150, size: int = 256) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit", action="store_true", help="re-fit the filter constants and print them")
+    parser.add_argument("--size", type=int, default=256, help="picture size for the PSNR table (multiple of 8)")
     args = parser.parse_args()
     if args.fit:
         print("SMOOTH, DERIVATIVE, GRADIENT_SHARE =", fit())
         return
-    rows = measure()
+    rows = measure(args.size)
     for name, ours, bar in rows:
-        print(f"{name:22s} round trip {ours:6.2f} dB   32px thumbnail {bar:6.2f} dB   ({ours - bar:+.2f})")
+        print(
+            f"{name:22s} round trip {ours:6.2f} dB   {args.size // 8}px thumbnail {bar:6.2f} dB   ({ours - bar:+.2f})"
+        )
     ours, bar = (float(np.mean([r[i] for r in rows])) for i in (1, 2))
-    print(f"{'mean':22s} round trip {ours:6.2f} dB   32px thumbnail {bar:6.2f} dB   ({ours - bar:+.2f})")
+    print(f"{'mean':22s} round trip {ours:6.2f} dB   {args.size // 8}px thumbnail {bar:6.2f} dB   ({ours - bar:+.2f})")
 
 
 if __name__ == "__main__":
