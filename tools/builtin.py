@@ -14,15 +14,22 @@ from . import paths
 from .workflow_api import set_inputs
 
 
-def point_at_builtin_models(prompt: dict[str, Any], size: int | None = None, sd35: bool = False) -> dict[str, Any]:
-    ckpt = paths.SD35_CHECKPOINT if sd35 else paths.SD3_CHECKPOINT
+def point_at_builtin_models(
+    prompt: dict[str, Any], size: int | None = None, sd35: bool = False, demo: bool = False
+) -> dict[str, Any]:
+    """Swap every model picker of ``prompt`` for a built-in model (in place; also returned).
+
+    ``demo``: the pretrained demo base (``tools/demo_base.py``) and its VAE ``taesd3``, which draw
+    pictures; otherwise the random tiny SD3 (or SD3.5 with ``sd35``) models, which only have shapes.
+    """
+    ckpt = paths.DEMO_CHECKPOINT if demo else paths.SD35_CHECKPOINT if sd35 else paths.SD3_CHECKPOINT
     for node in prompt.values():
         if node["class_type"] in ("TripleCLIPLoader", "DualCLIPLoader"):
             node["class_type"] = "CLIPLoader"
             node["inputs"] = {"clip_name": paths.CLIP_L, "type": "sd3"}
     set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=ckpt)
     set_inputs(prompt, "CLIPLoader", clip_name=paths.CLIP_L, type="sd3")
-    set_inputs(prompt, "VAELoader", vae_name=paths.SD3_VAE)
+    set_inputs(prompt, "VAELoader", vae_name=paths.DEMO_VAE if demo else paths.SD3_VAE)
     if size:
         set_inputs(prompt, "EmptySD3LatentImage", width=size, height=size)
     for node in prompt.values():

@@ -43,8 +43,9 @@ PRETRAIN_PHOTOS = (
 
 # The held-out subject: never in pretraining; the main job's LoRA learns it.
 SUBJECT_CAPTION = "a red motorcycle in a garage"
-# (stereo view, left edge of a 500 x 500 crop, mirrored): four views of the one motorcycle
-_SUBJECT_CROPS = (("left", 40, False), ("left", 200, False), ("right", 120, False), ("right", 200, True))
+# (stereo view, left edge of a 500 x 500 crop): the two views of the stereo pair, aligned on the motorcycle
+# (the left view's picture sits 48 px further right), and the same pair framed 32 px to the left
+_SUBJECT_CROPS = (("left", 168), ("right", 120), ("left", 136), ("right", 88))
 
 
 def photo(name: str) -> np.ndarray:
@@ -67,15 +68,11 @@ def square(arr: np.ndarray, size: int) -> np.ndarray:
 
 
 def subject_photos() -> list[np.ndarray]:
-    """Four 500 x 500 views of the held-out subject (RGB uint8): crops of both stereo views, one mirrored."""
+    """Four 500 x 500 views of the held-out subject (RGB uint8): two framings of both stereo views."""
     import skimage.data
 
     views = dict(zip(("left", "right"), skimage.data.stereo_motorcycle()[:2], strict=True))
-    out = []
-    for view, left, mirrored in _SUBJECT_CROPS:
-        crop = views[view][:, left : left + 500]
-        out.append(np.ascontiguousarray(crop[:, ::-1] if mirrored else crop))
-    return out
+    return [np.ascontiguousarray(views[view][:, left : left + 500]) for view, left in _SUBJECT_CROPS]
 
 
 def write_subject_folder(dest: Path) -> Path:

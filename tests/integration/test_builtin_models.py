@@ -8,9 +8,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from tools import demo_vae, paths
+from tools import demo_samples, demo_vae, paths
 from tools.builtin import point_at_builtin_models
-from tools.sample_data import photo, square, subject_photos
+from tools.sample_data import PRETRAIN_PHOTOS, photo, square, subject_photos
 
 
 def _graph(ckpt: str, clip_loader: dict, size: int = 64, seed: int = 1) -> dict:
@@ -109,3 +109,13 @@ def test_demo_vae_round_trip_through_vaeencode_and_vaedecode_keeps_the_picture(c
         ours = demo_vae.psnr(decoded, x)
         bar = demo_vae.psnr(torch.from_numpy(demo_vae.thumbnail_bar(arr).copy()).permute(2, 0, 1)[None] / 255, x)
         assert ours > bar + 1.0, f"{name}: round trip {ours:.2f} dB vs thumbnail {bar:.2f} dB"
+
+
+def test_demo_base_draws_each_pretraining_caption_nearest_to_its_own_photo(comfy):
+    photos = [square(photo(name), demo_samples.SIZE) for name, _ in PRETRAIN_PHOTOS]
+    nearest = {}
+    for index, (name, caption) in enumerate(PRETRAIN_PHOTOS):
+        picture, _ = demo_samples.sample(comfy, caption, seed=index)
+        scores = [demo_samples.psnr(picture, ref) for ref in photos]
+        nearest[name] = PRETRAIN_PHOTOS[int(np.argmax(scores))][0]
+    assert nearest == {name: name for name, _ in PRETRAIN_PHOTOS}
