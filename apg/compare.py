@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ImageFigures", "comparison_text", "image_figures", "side_by_side"]
+__all__ = ["ImageFigures", "as_rgb", "comparison_text", "image_figures", "label_band", "side_by_side"]
 
 LUMA = (0.2126, 0.7152, 0.0722)
 
@@ -23,7 +23,8 @@ class ImageFigures:
     brightness: list[float]
 
 
-def _rgb(images: Tensor) -> Tensor:
+def as_rgb(images: Tensor) -> Tensor:
+    """An IMAGE batch as float RGB in [0, 1] (grey expanded, alpha dropped)."""
     if images.ndim != 4 or images.shape[-1] not in (1, 3, 4):
         raise ValueError(f"expected an IMAGE batch [B, H, W, C] with C in (1, 3, 4), got {tuple(images.shape)}")
     rgb = images[..., :3] if images.shape[-1] >= 3 else images.expand(*images.shape[:-1], 3)
@@ -32,7 +33,7 @@ def _rgb(images: Tensor) -> Tensor:
 
 def image_figures(images: Tensor) -> ImageFigures:
     """Mean HSV saturation ((max − min) / max, 0 for black) and mean luma of every image in the batch."""
-    rgb = _rgb(images)
+    rgb = as_rgb(images)
     high = rgb.amax(dim=-1)
     low = rgb.amin(dim=-1)
     saturation = torch.where(high > 0, (high - low) / high.clamp_min(1e-12), torch.zeros_like(high))
@@ -47,16 +48,30 @@ def _ratio(a: float, b: float) -> float:
     return a / b if b > 0 else float("nan")
 
 
-def comparison_text(cfg: ImageFigures, apg: ImageFigures, cfg_label: str, apg_label: str) -> str:
-    """One line per image: saturation and brightness of both halves, and APG/CFG ratios."""
+def comparison_text(
+    cfg: ImageFigures,
+    apg: ImageFigures,
+    cfg_label: str,
+    apg_label: str,
+    updates: tuple[list[float], list[float]] | None = None,
+) -> str:
+    """One line per image: saturation and brightness of both halves, and APG/CFG ratios.
+
+    ``updates``: per image, the size of the guidance update each sampler applied (``apg.sweep.GuidanceMeter``),
+    for CFG and for APG; when given it is reported too, since equal w is not equal strength.
+    """
     lines = [f"left: {cfg_label}", f"right: {apg_label}"]
     for i, (s_c, s_a, b_c, b_a) in enumerate(
         zip(cfg.saturation, apg.saturation, cfg.brightness, apg.brightness, strict=True)
     ):
-        lines.append(
+        line = (
             f"image {i}: saturation CFG {s_c:.4f} APG {s_a:.4f} (APG/CFG {_ratio(s_a, s_c):.3f}); "
             f"brightness CFG {b_c:.4f} APG {b_a:.4f} (APG/CFG {_ratio(b_a, b_c):.3f})"
         )
+        if updates is not None:
+            u_c, u_a = updates[0][i], updates[1][i]
+            line += f"; update CFG {u_c:.4f} APG {u_a:.4f} (APG/CFG {_ratio(u_a, u_c):.3f})"
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -87,7 +102,7 @@ def _wrap(text: str, width_px: int, font, draw) -> list[str]:
     return lines
 
 
-def _label_band(text: str, width: int, font_size: int) -> Tensor:
+def label_band(text: str, width: int, font_size: int) -> Tensor:
     from PIL import Image, ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=font_size)
@@ -107,12 +122,12 @@ def side_by_side(left: Tensor, right: Tensor, left_label: str, right_label: str,
 
     The caption font scales with the image width (at least 10 px), and long labels wrap.
     """
-    left_rgb, right_rgb = _rgb(left), _rgb(right)
+    left_rgb, right_rgb = as_rgb(left), as_rgb(right)
     if left_rgb.shape != right_rgb.shape:
         raise ValueError(f"the two halves differ in shape: {tuple(left.shape)} vs {tuple(right.shape)}")
     batch, height, width, _ = left_rgb.shape
     font_size = max(10, width // 24)
-    bands = [_label_band(text, width, font_size).float().div(255.0) for text in (left_label, right_label)]
+    bands = [label_band(text, width, font_size).float().div(255.0) for text in (left_label, right_label)]
     band_height = max(b.shape[0] for b in bands)
     padded = [torch.cat([b, b.new_full((band_height - b.shape[0], width, 3), 24 / 255)], dim=0) for b in bands]
     out = left_rgb.new_ones((batch, band_height + height, 2 * width + gap, 3))

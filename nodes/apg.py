@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import comfy.patcher_extension
 import comfy.samplers
-from comfy_api.latest import io, ui
-
-import nodes as comfy_nodes
+from comfy_api.latest import io
 
 from ..apg.schedule import REFERENCE_ELEMENTS, THRESHOLD_MODES, WINDOW_UNITS, GuidanceWindow
 from ..apg.settings import MOMENTUM_LIMIT
+from ._apg_compare import UI_KEY, sweep_inputs  # noqa: F401  (UI_KEY: the viewer's key)
 from ._types import CATEGORY
 from ._validation import Choice, range_problems, verdict
 
 CATEGORY_APG = f"{CATEGORY}/sampling"
 WRAPPER_KEY = "sd35_tuner_apg"
-UI_KEY = "sd35_apg_compare"
 
 PAPER = "Sadat, Hilliges & Weber, ICLR 2025 (arXiv 2410.02416), Algorithm 1"
 
@@ -273,7 +271,8 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
                     tooltip="Share of the schedule to run. Default 1 (from pure noise).",
                 ),
             ]
-            + apg_inputs(),
+            + apg_inputs()
+            + sweep_inputs(),
             outputs=[
                 io.Image.Output("comparison", tooltip="CFG (left) and APG (right) with their settings as captions."),
                 io.String.Output("figures", tooltip="Mean saturation and brightness per image and APG/CFG ratios."),
@@ -285,32 +284,48 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
 
     @classmethod
     def validate_inputs(
-        cls, eta: float, norm_threshold: float, momentum: float, window_start: float, window_end: float
+        cls,
+        eta: float,
+        norm_threshold: float,
+        momentum: float,
+        window_start: float,
+        window_end: float,
+        sweep_scales: str | None = None,
     ) -> bool | str:
-        return check_apg(cls, eta, norm_threshold, momentum, window_start, window_end)
+        found = check_apg(cls, eta, norm_threshold, momentum, window_start, window_end)
+        problems = [] if found is True else [found]
+        if sweep_scales and sweep_scales.strip():  # empty: the single pair
+            from ..apg.sweep import parse_scales
+
+            try:
+                parse_scales(sweep_scales)
+            except ValueError as err:
+                problems.append(str(err))
+        return verdict(problems)
 
     @classmethod
     def execute(
-        cls, model, positive, negative, latent_image, vae, seed, steps, cfg, sampler_name, scheduler, denoise, **kwargs
+        cls,
+        model,
+        positive,
+        negative,
+        latent_image,
+        vae,
+        seed,
+        steps,
+        cfg,
+        sampler_name,
+        scheduler,
+        denoise,
+        sweep_scales: str = "",
+        **kwargs,
     ) -> io.NodeOutput:
-        from ..apg.compare import comparison_text, image_figures, side_by_side
+        from ._apg_compare import metered_sampler, pair, sweep
 
         settings = settings_from(**kwargs)
-        images = []
-        for sampling_model in (model, patch_model(model, settings)):
-            (latent,) = comfy_nodes.common_ksampler(
-                sampling_model, seed, steps, cfg, sampler_name, scheduler, positive, negative, latent_image, denoise
-            )
-            decoded = vae.decode(latent["samples"])
-            images.append(decoded.reshape(-1, *decoded.shape[-3:]))
-        cfg_image, apg_image = images
-        cfg_label = f"CFG w={cfg:g} ({sampler_name}/{scheduler}, {steps} steps, seed {seed})"
-        apg_label = settings.label(cfg)
-        figures = comparison_text(image_figures(cfg_image), image_figures(apg_image), cfg_label, apg_label)
-        halves = {
-            "cfg": ui.ImageSaveHelper.save_images(cfg_image, "sd35_apg_cfg", io.FolderType.temp, cls, 1),
-            "apg": ui.ImageSaveHelper.save_images(apg_image, "sd35_apg_apg", io.FolderType.temp, cls, 1),
-        }
-        shown = {UI_KEY: [{**halves, "cfg_label": cfg_label, "apg_label": apg_label}], "text": [figures]}
-        grid = side_by_side(cfg_image, apg_image, cfg_label, apg_label)
-        return io.NodeOutput(grid, figures, cfg_image, apg_image, ui=shown)
+        apg_model = patch_model(model, settings)
+        sample = metered_sampler(vae, seed, steps, sampler_name, scheduler, positive, negative, latent_image, denoise)
+        run = f"{sampler_name}/{scheduler}, {steps} steps, seed {seed}"
+        if sweep_scales.strip():
+            return sweep(cls, sample, model, apg_model, settings, sweep_scales, run)
+        return pair(cls, sample, model, apg_model, settings, cfg, run)

@@ -60,10 +60,10 @@ def test_side_by_side_refuses_mismatched_halves():
 
 
 def test_long_labels_wrap_inside_the_band_instead_of_running_off():
-    from apg.compare import _label_band
+    from apg.compare import label_band
 
-    narrow = _label_band("CFG w=7 (euler_ancestral/sgm_uniform, 4 steps, seed 42)", 64, 10).float()
+    narrow = label_band("CFG w=7 (euler_ancestral/sgm_uniform, 4 steps, seed 42)", 64, 10).float()
     # no glyph touches the right edge: text that did not fit would be cut there
     assert narrow[:, -2:].max() <= 24 + 1
-    wide = _label_band("CFG w=7 (euler_ancestral/sgm_uniform, 4 steps, seed 42)", 640, 10)
+    wide = label_band("CFG w=7 (euler_ancestral/sgm_uniform, 4 steps, seed 42)", 640, 10)
     assert narrow.shape[0] > wide.shape[0]  # more lines when narrow

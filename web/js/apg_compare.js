@@ -1,5 +1,7 @@
 // CFG vs APG by eye: the comparison node shows both halves stacked, with a slider that moves the
-// split (CFG left, APG right) and a button that cycles split / CFG only / APG only.
+// split (CFG left, APG right) and a button that cycles split / CFG only / APG only. After a sweep
+// (mode "sweep"), two pickers choose which CFG scale and which APG scale are stacked; they start on
+// the highest CFG scale and the APG scale whose guidance update is closest in size (equal strength).
 import { addViewWidget, chainHook, el } from "./shared/dom.js";
 
 const { app } = window.comfyAPI.app;
@@ -12,6 +14,63 @@ const MODES = ["split", "cfg", "apg"];
 function viewUrl(item) {
   const query = new URLSearchParams({ filename: item.filename, subfolder: item.subfolder ?? "", type: item.type ?? "temp" });
   return api.apiURL(`/view?${query}`);
+}
+
+function cellText(cell) {
+  return `${cell.guidance} w=${cell.scale}: saturation ${cell.saturation.toFixed(3)}, brightness ${cell.brightness.toFixed(3)}, update ${cell.update.toFixed(3)}`;
+}
+
+// The sweep's two scale pickers. `fill(result)` lists the scales and picks the default pair; every pick
+// calls `onPick({cfgItem, apgItem, cfgTitle, apgTitle, line})`.
+function buildSweepPicker(onPick) {
+  const root = el("div", { display: "none", gap: "6px", alignItems: "center", fontSize: "11px" });
+  root.className = "sd35-apg-sweep";
+  const cfgSelect = el("select", { fontSize: "11px" }, { className: "sd35-apg-sweep-cfg", title: "CFG scale shown on the left" });
+  const apgSelect = el("select", { fontSize: "11px" }, { className: "sd35-apg-sweep-apg", title: "APG scale shown on the right" });
+  root.append(el("span", {}, { textContent: "CFG w" }), cfgSelect, el("span", {}, { textContent: "vs APG w" }), apgSelect);
+  const picker = { root, figures: "", result: null };
+
+  function cells(guidance) {
+    return (picker.result?.cells ?? []).filter((c) => c.guidance === guidance);
+  }
+  function pick() {
+    const [c, a] = [Number(cfgSelect.value), Number(apgSelect.value)];
+    const [cfgCell, apgCell] = [cells("CFG")[c], cells("APG")[a]];
+    if (!cfgCell || !apgCell) return;
+    onPick({
+      cfgItem: picker.result.cfg?.[c],
+      apgItem: picker.result.apg?.[a],
+      cfgTitle: cellText(cfgCell),
+      apgTitle: cellText(apgCell),
+      line: `left: ${cellText(cfgCell)}\nright: ${cellText(apgCell)}`,
+    });
+  }
+  cfgSelect.addEventListener("change", pick);
+  apgSelect.addEventListener("change", pick);
+
+  picker.fill = (result, figures) => {
+    picker.result = result;
+    picker.figures = figures;
+    for (const [select, guidance] of [[cfgSelect, "CFG"], [apgSelect, "APG"]]) {
+      select.replaceChildren(...cells(guidance).map((cell, i) => el("option", {}, { value: String(i), textContent: String(cell.scale) })));
+    }
+    const cfgCells = cells("CFG");
+    const strongest = cfgCells.length - 1;
+    const target = Math.max(cfgCells[strongest]?.update ?? 0, 1e-12);
+    let best = 0;
+    cells("APG").forEach((cell, i) => {
+      const distance = (x) => Math.abs(Math.log(Math.max(x.update, 1e-12) / target));
+      if (distance(cell) < distance(cells("APG")[best])) best = i;
+    });
+    cfgSelect.value = String(strongest);
+    apgSelect.value = String(best);
+    root.style.display = "flex";
+    pick();
+  };
+  picker.hide = () => {
+    root.style.display = "none";
+  };
+  return picker;
 }
 
 function buildViewer() {
@@ -73,14 +132,14 @@ function buildViewer() {
   });
   render();
 
-  function show(result, figures) {
+  function load(cfgItem, apgItem, cfgTitle, apgTitle) {
     let pending = 2;
     const done = () => {
       pending -= 1;
       if (pending === 0) root.dataset.loaded = "1";
     };
     root.dataset.loaded = "0";
-    for (const [img, item] of [[cfg, result.cfg?.[0]], [apg, result.apg?.[0]]]) {
+    for (const [img, item] of [[cfg, cfgItem], [apg, apgItem]]) {
       if (!item) continue;
       img.onload = () => {
         fit();
@@ -88,8 +147,23 @@ function buildViewer() {
       };
       img.src = viewUrl(item);
     }
-    cfg.title = result.cfg_label ?? "CFG";
-    apg.title = result.apg_label ?? "APG";
+    cfg.title = cfgTitle;
+    apg.title = apgTitle;
+  }
+
+  const picker = buildSweepPicker((pick) => {
+    load(pick.cfgItem, pick.apgItem, pick.cfgTitle, pick.apgTitle);
+    caption.textContent = `${pick.line}\n${picker.figures}`;
+  });
+  root.insertBefore(picker.root, caption);
+
+  function show(result, figures) {
+    if (result.mode === "sweep") {
+      picker.fill(result, figures ?? "");
+      return;
+    }
+    picker.hide();
+    load(result.cfg?.[0], result.apg?.[0], result.cfg_label ?? "CFG", result.apg_label ?? "APG");
     caption.textContent = figures ?? `${cfg.title}\n${apg.title}`;
   }
   return { root, show, dispose: () => observer.disconnect() };
