@@ -16,6 +16,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ._model_base import FROM_MODEL, graph_base, model_dtype
 from ._train_glue import (
     RUNS_FOLDER,
     apply_lora,
@@ -59,8 +60,10 @@ class SD35TunerTrainLora(io.ComfyNode):
                 Cache.Input("cache", tooltip="The latent + text-embedding cache (Cache Latents node)."),
                 Choice(
                     "base_model",
-                    options=base_model_options(),
-                    tooltip="The SD3 / SD3.5 checkpoint to train on, from checkpoints/ or diffusion_models/.",
+                    options=[*base_model_options(), FROM_MODEL],
+                    tooltip="The SD3 / SD3.5 checkpoint to train on, from checkpoints/ or diffusion_models/. With a MODEL "
+                    "connected to 'model' the trainer trains on that MODEL's weights instead (nothing is loaded twice); "
+                    f"pick '{FROM_MODEL}' then.",
                 ),
                 io.String.Input(
                     "lora_name",
@@ -150,7 +153,9 @@ class SD35TunerTrainLora(io.ComfyNode):
                 io.Model.Input(
                     "model",
                     optional=True,
-                    tooltip="A MODEL to return with the trained LoRA applied, ready for a sampler. Optional.",
+                    tooltip="The base to train on, shared with the graph (e.g. CheckpointLoaderSimple's or UNETLoader's "
+                    "MODEL, fp8-scaled files included): nothing is loaded twice. Returned with the trained LoRA applied "
+                    "on the 'model' output. Optional: without it 'base_model' is read from its file.",
                 ),
             ],
             outputs=[
@@ -198,8 +203,9 @@ class SD35TunerTrainLora(io.ComfyNode):
         from ..training.run import run_training
 
         extra = dict(settings if settings is not None else settings_defaults())
-        if extra["base_dtype"] == AUTO_DTYPE:
-            extra["base_dtype"] = "bf16" if comfy.model_management.should_use_bf16() else "fp32"
+        if extra["base_dtype"] == AUTO_DTYPE:  # a MODEL's own dtype first: its tensors are then shared
+            auto = "bf16" if comfy.model_management.should_use_bf16() else "fp32"
+            extra["base_dtype"] = (model_dtype(model) if model is not None else None) or auto
         if epochs:
             steps = max(1, epochs * len(cache) // (batch_size * extra.get("grad_accum", 1)))
         cfg = TrainConfig(
@@ -213,7 +219,8 @@ class SD35TunerTrainLora(io.ComfyNode):
             quantization=quantization,
             seed=seed,
         )
-        base = base_model_path(base_model)
+        if model is None and base_model == FROM_MODEL:
+            raise ValueError(f"base_model is '{FROM_MODEL}' but nothing is connected to 'model': connect a MODEL")
         if model is not None and not isinstance(model.model, comfy.model_base.SD3):
             raise ValueError(
                 f"model: got a {type(model.model).__name__} model; connect the SD3/SD3.5 MODEL the LoRA should be "
@@ -224,6 +231,10 @@ class SD35TunerTrainLora(io.ComfyNode):
         work_dir = run_dir(lora_name)
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
+        if model is not None:
+            base = graph_base(model, None if base_model == FROM_MODEL else base_model)
+        else:
+            base = base_model_path(base_model)
         workflow = (cls.hidden.extra_pnginfo or {}).get("workflow")
         info = {"workflow": json.dumps(workflow)} if workflow else {}
         output = None

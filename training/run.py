@@ -19,8 +19,9 @@ import torch
 from .config import TrainConfig
 from .data import TrainingSource
 from .export import PACK_VERSION, export_lora
+from .loading import InMemoryBase, base_name, load_base
 from .loop import OnStep, Trainer, TrainResult, grad_enabled
-from .model import add_lora, count_trainable, load_transformer, lora_target_modules, quantize_base
+from .model import add_lora, count_trainable, lora_target_modules
 from .validate import Decode, OnValidation, SampleSettings, Validation
 
 logger = logging.getLogger(__name__)
@@ -52,10 +53,10 @@ def check_compatible(meta: dict[str, Any], config: Any) -> None:
             )
 
 
-def prepare_model(base_model: str | os.PathLike, cfg: TrainConfig, device: str | torch.device = "cpu"):
-    """The model a run trains: load the base, quantise and freeze it if asked, attach the LoRA, move to ``device``."""
-    transformer = load_transformer(base_model, cfg.base_dtype)
-    quantize_base(transformer, cfg.quantization)
+def prepare_model(base_model: str | os.PathLike | InMemoryBase, cfg: TrainConfig, device: str | torch.device = "cpu"):
+    """The model a run trains: the base (a file, or a ComfyUI MODEL's weights) built block by block on
+    ``device``, quantised and frozen as asked, then the LoRA attached."""
+    transformer = load_base(base_model, cfg.base_dtype, cfg.quantization, device)
     targets = lora_target_modules(transformer, cfg.preset, cfg.blocks, cfg.exclude_blocks)
     spec = add_lora(transformer, cfg.rank, cfg.alpha, targets, cfg.lora_dropout, seed=cfg.seed)
     return transformer.to(device), spec
@@ -75,7 +76,7 @@ def sample_settings(cfg: TrainConfig) -> SampleSettings:
 
 @grad_enabled()  # weights loaded as inference tensors (inside ComfyUI) could not take part in the backward pass
 def run_training(
-    base_model: str | os.PathLike,
+    base_model: str | os.PathLike | InMemoryBase,
     source: TrainingSource,
     cfg: TrainConfig,
     lora_path: str | os.PathLike,
@@ -118,7 +119,7 @@ def _lora_info(base_model, source: TrainingSource, cfg: TrainConfig, result: Tra
     """The run's facts for the LoRA file's header."""
     losses = result.losses
     return {
-        "base_model": Path(base_model).name,
+        "base_model": base_name(base_model),
         "steps": result.step,
         "learning_rate": cfg.learning_rate,
         "dataset_size": len(source),

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +26,29 @@ from .sources import ModelLoadError, SafetensorsFile, StateDictSource, TensorSou
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+
+@dataclass
+class InMemoryBase:
+    """A base model already in memory (e.g. a ComfyUI MODEL's diffusion model): bare MMDiT keys, plus
+    header-style metadata such as ``_quantization_metadata``. Loading it shares its tensors."""
+
+    state: dict[str, torch.Tensor]
+    name: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def base_name(base) -> str:
+    """What to call a base in logs and in the LoRA's metadata: its file name, or the in-memory name."""
+    return base.name if isinstance(base, InMemoryBase) else Path(base).name
+
+
 __all__ = [
     "DTYPES",
     "QUANT",
     "STABILITY_PREFIX",
+    "InMemoryBase",
     "ModelLoadError",
+    "base_name",
     "config_from_state_dict",
     "detect_family",
     "load_base",
@@ -115,7 +134,11 @@ def load_base(
     VAE / text encoders; diffusers keys; ComfyUI fp8 scaled or per-layer fp8; plain fp8; ComfyUI-GGUF
     ``.gguf``), a diffusers model folder or a pipeline folder with ``transformer/``. ``dtype``: ``fp32``,
     ``bf16`` or ``fp16`` for the frozen weights. ``quantization``: ``none``, ``int8``, ``int4``, ``fp8``.
+    An ``InMemoryBase`` is built from its tensors, sharing those that need no conversion.
     """
+    if isinstance(path, InMemoryBase):
+        src = StateDictSource(path.state, path.name, path.metadata)
+        return build(src, plan(src, config_from_shapes), _check_dtype(dtype), quantization, device, progress)
     torch_dtype = _check_dtype(dtype)
     if quantization not in QUANT:
         raise ValueError(f"quantization must be one of {QUANT}, got {quantization!r}")
