@@ -135,6 +135,17 @@ def item_of(entry: dict) -> DatasetItem:
     )
 
 
+def core_dataset_shard(comfy, folder: str) -> Path:
+    """Core's SaveTrainingDataset shard: in output/ up to ComfyUI 0.3.x, in its own datasets/ folder since."""
+    found = [
+        path
+        for root in ("output", "datasets")
+        if (path := comfy.base_dir / root / folder / "shard_0000.pkl").is_file()
+    ]
+    assert len(found) == 1, f"core's SaveTrainingDataset wrote no single shard_0000.pkl for {folder}: {found}"
+    return found[0]
+
+
 def references(comfy, reader: CacheReader, tag: str) -> list[dict]:
     """Core's MakeTrainingDataset on the same rendered pixels and captions; returns latent/cond/pooled per item."""
     prompt = {
@@ -162,9 +173,7 @@ def references(comfy, reader: CacheReader, tag: str) -> list[dict]:
     out = []
     for i in range(len(reader.items)):
         # core's reference output is a torch.save shard; weights_only=True loads tensors without unpickling code
-        shard = torch.load(
-            comfy.base_dir / "output" / f"sd35cache_ref_{tag}_{i}" / "shard_0000.pkl", weights_only=True
-        )
+        shard = torch.load(core_dataset_shard(comfy, f"sd35cache_ref_{tag}_{i}"), weights_only=True)
         [[cond, extra]] = shard["conditioning"][0]
         out.append({"latent": shard["latents"][0]["samples"][0], "cond": cond, "pooled": extra["pooled_output"]})
     return out

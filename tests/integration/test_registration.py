@@ -1,15 +1,16 @@
 from __future__ import annotations
 
-import re
+from tools.comfy_server import PACK_DIR_NAME
 
 
-def test_pack_imports_without_failure_and_fast(comfy):
-    log = comfy.log()
-    assert "sd35-tuner" in log
-    assert "IMPORT FAILED" not in "\n".join(line for line in log.splitlines() if "sd35-tuner" in line)
-    match = re.search(r"^\s*([0-9.]+) seconds(?: \(IMPORT FAILED\))?: .*custom_nodes/sd35-tuner\s*$", log, re.M)
-    assert match, "ComfyUI did not report an import time for the pack"
-    assert float(match.group(1)) <= 0.05
+def test_pack_imports_without_failure(comfy):
+    """ComfyUI lists the pack among the custom nodes it imported, without IMPORT FAILED (its speed: bench_import)."""
+    times = comfy.import_times()
+    pack = str(comfy.base_dir / "custom_nodes" / PACK_DIR_NAME)
+    assert pack in times, f"ComfyUI reported no import of the pack; it reported {times}"
+    assert times[pack][1] is False, f"ComfyUI reported IMPORT FAILED for the pack:\n{comfy.log()[-4000:]}"
+    ours = [n for n in comfy.object_info() if n.startswith("SD35Tuner")]
+    assert len(ours) >= 12, ours
 
 
 def test_every_widget_input_of_our_nodes_has_a_tooltip(comfy):
