@@ -90,13 +90,14 @@ def clip_encoder(clip) -> TextEncoder:
 
 
 def free_models(*patchers) -> None:
-    """Unload these models (and their clones) through ComfyUI's model management."""
+    """Unload these models (and their clones) through ComfyUI's public model-management calls."""
     mm = comfy.model_management
-    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
-        loaded = mm.current_loaded_models[i]
-        model = loaded.model
-        if model is not None and any(model is p or model.is_clone(p) for p in patchers) and loaded.model_unload():
-            mm.current_loaded_models.pop(i)
+    unload = getattr(mm, "unload_model_and_clones", None)  # newer ComfyUI; 0.3.x can only unload everything
+    if unload is None:
+        mm.unload_all_models()
+    else:
+        for patcher in patchers:
+            unload(patcher)
     mm.soft_empty_cache()
 
 

@@ -40,3 +40,10 @@ def comfyui_version(comfyui: Path = COMFY_HOME / "comfyui") -> tuple[int, ...]:
     if not match:
         raise ValueError(f"{comfyui / 'comfyui_version.py'} names no version")
     return tuple(int(part) for part in match.group(1).split("."))
+
+
+def comfy_homes() -> list[Path]:
+    """Every ComfyUI home setup built, oldest first: the env home, then the newest (see ``newest-comfyui``)."""
+    record = HOME / "newest-comfyui"
+    newest = record.read_text().strip() if record.is_file() else ""
+    return [HOME, *([Path(newest)] if newest else [])]
