@@ -88,7 +88,12 @@ EXPECTED_NOISE = (
             r"/assets/vendor-other-[\w-]+\.js",
             "frontend 1.32 looks up the registry entries of the packs in the graph; ComfyUI's CSP header blocks it",
         )
-        for ids in ("node_id=comfy-core", f"node_id={PACK_DIR_NAME}&node_id=comfy-core")
+        for ids in (
+            "node_id=comfy-core",
+            f"node_id={PACK_DIR_NAME}",
+            f"node_id={PACK_DIR_NAME}&node_id=comfy-core",
+            f"node_id=comfy-core&node_id={PACK_DIR_NAME}",
+        )
     ),
     Noise(
         "TypeError: Cannot read properties of undefined (reading 'id')",
