@@ -38,13 +38,13 @@ def sd3_variant(config: Any) -> str:
     return SD35_MEDIUM if getattr(config, "dual_attention_layers", ()) else SD35_LARGE
 
 
-def base_model_hashes(path: str | os.PathLike) -> dict[str, str]:
+def base_model_hashes(path: Any) -> dict[str, str]:
     """The base file's hashes as A1111 and kohya name them: the legacy 8-hex hash and the full SHA-256.
 
     The full hash reads the whole file (seconds for a 16 GB SD3.5 Large), once per training run. A base
-    given as a folder (diffusers layout) has no file hash: none is written.
+    that is no single file (a diffusers folder, a MODEL already in memory) gets none.
     """
-    if not os.path.isfile(path):
+    if not isinstance(path, str | os.PathLike) or not os.path.isfile(path):
         return {}
     with open(path, "rb") as f:
         f.seek(0x100000)

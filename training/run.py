@@ -21,7 +21,9 @@ from .data import TrainingSource
 from .export import PACK_VERSION, export_lora
 from .loading import InMemoryBase, base_name, load_base
 from .loop import OnStep, Trainer, TrainResult, grad_enabled
-from .model import add_lora, count_trainable, lora_target_modules
+from .metadata import base_model_hashes, dataset_facts, sd3_variant
+from .model import add_lora, count_trainable, load_adapter_state, lora_target_modules
+from .start_lora import StartLora
 from .validate import Decode, OnValidation, SampleSettings, Validation
 
 logger = logging.getLogger(__name__)
@@ -53,12 +55,23 @@ def check_compatible(meta: dict[str, Any], config: Any) -> None:
             )
 
 
-def prepare_model(base_model: str | os.PathLike | InMemoryBase, cfg: TrainConfig, device: str | torch.device = "cpu"):
+def prepare_model(
+    base_model: str | os.PathLike | InMemoryBase,
+    cfg: TrainConfig,
+    device: str | torch.device = "cpu",
+    start: StartLora | None = None,
+):
     """The model a run trains: the base (a file, or a ComfyUI MODEL's weights) built block by block on
-    ``device``, quantised and frozen as asked, then the LoRA attached."""
+    ``device``, quantised and frozen as asked, then the LoRA attached: a fresh one, or with ``start`` an
+    existing LoRA's targets, rank and weights."""
     transformer = load_base(base_model, cfg.base_dtype, cfg.quantization, device)
-    targets = lora_target_modules(transformer, cfg.preset, cfg.blocks, cfg.exclude_blocks)
-    spec = add_lora(transformer, cfg.rank, cfg.alpha, targets, cfg.lora_dropout, seed=cfg.seed)
+    if start is None:
+        targets = lora_target_modules(transformer, cfg.preset, cfg.blocks, cfg.exclude_blocks)
+        spec = add_lora(transformer, cfg.rank, cfg.alpha, targets, cfg.lora_dropout, seed=cfg.seed)
+    else:
+        start.check_fits(transformer)
+        spec = add_lora(transformer, start.rank, cfg.alpha, list(start.targets), cfg.lora_dropout, seed=cfg.seed)
+        load_adapter_state(transformer, start.adapter_tensors(cfg.alpha), start.name)
     return transformer.to(device), spec
 
 
@@ -89,14 +102,16 @@ def run_training(
     accelerator=None,
     prior: TrainingSource | None = None,
     on_validation: OnValidation | None = None,
+    start: StartLora | None = None,
 ) -> RunOutput:
     """Train a LoRA on ``source`` and write it to ``lora_path``; checkpoints and samples go to ``work_dir``.
 
     ``on_step(StepInfo)`` after every optimizer step and ``on_validation(step, done, total)`` during
     validation sampling may raise to cancel; the finished steps are then checkpointed for ``resume``.
+    ``start`` continues an existing LoRA instead of a fresh one.
     """
     trainer = Trainer(source, cfg, prior, accelerator)
-    transformer, spec = prepare_model(base_model, cfg, device)
+    transformer, spec = prepare_model(base_model, cfg, device, start)
     for data in (source, prior):
         if data is not None:
             check_compatible(data.meta, transformer.config)
@@ -109,6 +124,8 @@ def run_training(
         validation(cfg.steps)
     path = Path(lora_path)
     if trainer.main:
+        facts = {"title": path.stem, "model_type": sd3_variant(transformer.config), **dataset_facts(source)}
+        info = {**facts, **base_model_hashes(base_model), **(info or {})}
         export_lora(transformer, spec, path, _lora_info(base_model, source, cfg, result, info), cfg.save_dtype)
     if accelerator is not None:
         accelerator.wait_for_everyone()
