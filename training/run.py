@@ -120,7 +120,7 @@ def run_training(
     work_dir = Path(work_dir)
     validation = Validation(transformer, source, sample_settings(cfg), work_dir / "validation", decode, on_validation)
     result = trainer.fit(transformer, work_dir, on_step, resume, validation if cfg.validation_every else None)
-    if trainer.main and (not cfg.validation_every or cfg.steps % cfg.validation_every):
+    if trainer.main and validation.step != cfg.steps:  # the final samples, unless the loop just made them
         validation(cfg.steps)
     path = Path(lora_path)
     if trainer.main:

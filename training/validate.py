@@ -155,6 +155,7 @@ class Validation:
         self.decode, self.on_validation = decode, on_validation
         self.prompts = source.validation_prompts()
         self.decoded: dict[str, torch.Tensor] = {}  # the latest samples, decoded [N,H,W,3] per guidance
+        self.step: int | None = None  # the training step of the latest samples
 
     def __call__(self, step: int) -> None:
         if not self.prompts:
@@ -166,6 +167,7 @@ class Validation:
         latents = sample_prompts(
             self.transformer, self.prompts, self.source.empty_text(), shape, self.settings, progress
         )
+        self.step = step
         if self.decode is None:
             return
         self.decoded = {g: self.decode(lat) for g, lat in latents.items()}
