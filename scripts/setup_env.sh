@@ -40,25 +40,25 @@ shared_comfyui() {
 # torch pins and torchvision patch; torchaudio (a CUDA build here) removed, stubs/ stands in for it.
 build_newest() {
   local src=$1 tarball=$2 dest=$3
-  rm -rf "$dest.partial"
-  mkdir -p "$dest.partial"
-  tar xzf "$tarball" -C "$dest.partial"
-  mv "$dest.partial"/ComfyUI-* "$dest.partial/comfyui"
-  rm -f "$dest.partial/comfyui/extra_model_paths.yaml"
-  cp -r "$src/stubs" "$dest.partial/stubs"
-  chmod -R u+w "$dest.partial"
-  python3 -m venv "$dest.partial/venv"
-  local py=$dest.partial/venv/bin/python
+  # built in place (a venv's scripts name their own path); the caller's .stamp marks it complete
+  rm -rf "$dest"
+  mkdir -p "$dest"
+  tar xzf "$tarball" -C "$dest"
+  mv "$dest"/ComfyUI-* "$dest/comfyui"
+  rm -f "$dest/comfyui/extra_model_paths.yaml"
+  cp -r "$src/stubs" "$dest/stubs"
+  chmod -R u+w "$dest"
+  python3 -m venv "$dest/venv"
+  local py=$dest/venv/bin/python manager=()
+  [[ -f $dest/comfyui/manager_requirements.txt ]] && manager=(-r "$dest/comfyui/manager_requirements.txt")
   pip_quiet "$py" -m pip install -q --upgrade pip wheel
+  # ComfyUI's own requirements and its pinned ComfyUI-Manager, the pack's requirements, CPU torch pins
   pip_quiet "$py" -m pip install -q -c "$ROOT/constraints.txt" torch==2.13.0 torchvision==0.28.0 \
-      -r "$dest.partial/comfyui/requirements.txt" -r "$ROOT/requirements.txt"
+      -r "$dest/comfyui/requirements.txt" "${manager[@]}" -r "$ROOT/requirements.txt"
   pip_quiet "$py" -m pip uninstall -q -y torchaudio
   "$py" "$ROOT/scripts/patch_torchvision.py"
-  "$py" -c "import torch, torchvision, diffusers, peft, optimum.quanto, cv2, comfy_aimdo, comfyui_frontend_package" \
+  "$py" -c "import torch, torchvision, diffusers, peft, optimum.quanto, cv2, comfyui_frontend_package" \
       || { say "the $dest venv is incomplete: see the pip output above"; return 1; }
-  # the venv's scripts name their own path: build it where it will live
-  rm -rf "$dest"
-  mv "$dest.partial" "$dest"
 }
 
 # 5 (in the background, it is independent of steps 1-4). The newest ComfyUI ---------------------
@@ -69,8 +69,9 @@ if [[ -n $SHARED ]]; then
   TARBALL=$(ls "$SHARED"/ComfyUI-*.tar.gz | sort -V | tail -n1)
   VERSION=$(basename "$TARBALL" .tar.gz); VERSION=${VERSION#ComfyUI-}
   NEWEST=$HOME_DIR/comfyui-$VERSION
-  want=$(stamp_of "$TARBALL" "$SHARED"/stubs/*/* "$ROOT/requirements.txt" "$ROOT/constraints.txt" \
-      "$ROOT/scripts/patch_torchvision.py")
+  # "recipe N": bump N when build_newest changes what it builds
+  want=$(stamp_of <(echo "recipe 2") "$TARBALL" "$SHARED"/stubs/*/* "$ROOT/requirements.txt" \
+      "$ROOT/constraints.txt" "$ROOT/scripts/patch_torchvision.py")
   if [[ "$(cat "$NEWEST/.stamp" 2>/dev/null)" != "$want" ]]; then
     say "building ComfyUI $VERSION and its venv in $NEWEST, in the background (about 5 minutes)"
     export -f build_newest say pip_quiet
