@@ -128,6 +128,34 @@ def child_load(path: str, mode: str) -> dict:
     return {"total_s": time.perf_counter() - start, "rss": peak_rss()}
 
 
+def child_model(path: str, mode: str) -> dict:
+    """Fresh process: ComfyUI loads the checkpoint (as CheckpointLoaderSimple does, under inference mode),
+    then the trainer builds its base from that MODEL's tensors, as the node does with a MODEL input."""
+    sys.path.insert(0, str(paths.COMFYUI))
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: F401
+
+    sys.argv = argv
+    import comfy.sd
+
+    from training.loading import InMemoryBase, load_base
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
+    comfy_s, dtype = time.perf_counter() - start, model.model.get_dtype()
+    state = dict(model.model.diffusion_model.state_dict())
+    if getattr(model.model.model_config, "scaled_fp8", None) is not None:
+        state["scaled_fp8"] = torch.empty(0, dtype=model.model.model_config.scaled_fp8)
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    ours = load_base(InMemoryBase(state, "MODEL"), names.get(dtype, "bf16"), mode)
+    assert ours is not None
+    return {"total_s": time.perf_counter() - start, "comfy_s": comfy_s, "rss": peak_rss(), "dtype": str(dtype)}
+
+
 def run_child(*args: str, repo: Path = REPO) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "bench.bench_scale", "--child", *args],
@@ -146,11 +174,12 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SHAPES), default="medium")
     parser.add_argument("--modes", default="none,int8,int4")
     parser.add_argument("--compare", type=Path, help="an older checkout to measure side by side (e.g. main)")
+    parser.add_argument("--from-model", action="store_true", help="also: ComfyUI loads it, we train on its MODEL")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        print(json.dumps({"load": child_load}[kind](*rest)))
+        print(json.dumps({"load": child_load, "model": child_model}[kind](*rest)))
         return
     path = checkpoint(args.size)
     size = path.stat().st_size
@@ -165,6 +194,14 @@ def main() -> None:
             print(
                 f"file  {mode:5s} {label:6s} load+quantise {r['total_s']:6.1f} s  "
                 f"peak RSS {r['rss'] / 2**30:5.2f} GiB = {ratios[mode]:.2f} x bf16",
+                flush=True,
+            )
+    if args.from_model:
+        for mode in args.modes.split(","):
+            r = run_child("model", str(path), mode)
+            print(
+                f"MODEL {mode:5s} now    ComfyUI load + ours {r['total_s']:6.1f} s (ComfyUI {r['comfy_s']:.1f} s, "
+                f"{r['dtype']})  peak RSS {r['rss'] / 2**30:5.2f} GiB = {r['rss'] / size:.2f} x bf16",
                 flush=True,
             )
     if "int8" in ratios:
