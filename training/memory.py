@@ -162,3 +162,43 @@ def vram_tier(
             return choice, why
     choice = TIER_CANDIDATES[-1]
     return choice, f"{vram / GiB:.0f} GB GPU: nothing fits at {resolution} px; the most frugal setting is used anyway"
+
+
+def device_memory(device) -> tuple[float, str]:
+    """(bytes available for training, a name) for a torch device: a GPU's total memory, or free RAM."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return float(torch.cuda.get_device_properties(device).total_memory), torch.cuda.get_device_name(device)
+    try:
+        import psutil
+
+        return float(psutil.virtual_memory().available), "free RAM"
+    except ImportError:
+        return float("inf"), "RAM"
+
+
+def check_run(config: dict[str, Any], cfg, resolution: int, device, validation: bool) -> tuple[str, str]:
+    """Before loading: estimate the run on ``device`` and raise MemoryError (saying what to change) when
+    it cannot fit; returns ("ok" | "warn", the one-line verdict)."""
+    import torch
+
+    kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
+    est = estimate(
+        config,
+        resolution,
+        batch=cfg.batch_size,
+        rank=cfg.rank,
+        preset=cfg.preset,
+        quantization=cfg.quantization,
+        base_dtype=cfg.base_dtype,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        device=kind,
+        validation=validation,
+    )
+    available, where = device_memory(device)
+    level, message = preflight(est, available, where)
+    if level == "stop":
+        raise MemoryError(message)
+    return level, message

@@ -75,6 +75,17 @@ def prepare_model(
     return transformer.to(device), spec
 
 
+def _check_memory(base_model, source: TrainingSource, cfg: TrainConfig, device, validation: bool) -> None:
+    """The memory pre-flight, before the base is loaded: stops a run that cannot fit, warns when tight."""
+    from .loading import read_config
+    from .memory import check_run
+
+    first = next(source.batches(1, cfg.seed, 0, drop_last=False))
+    resolution = 8 * max(first.latents.shape[-2:])
+    level, message = check_run(read_config(base_model), cfg, resolution, device, validation)
+    (logger.warning if level == "warn" else logger.info)(message)
+
+
 def sample_settings(cfg: TrainConfig) -> SampleSettings:
     return SampleSettings(
         steps=cfg.validation_steps,
@@ -111,6 +122,7 @@ def run_training(
     ``start`` continues an existing LoRA instead of a fresh one.
     """
     trainer = Trainer(source, cfg, prior, accelerator)
+    _check_memory(base_model, source, cfg, device, decode is not None)
     transformer, spec = prepare_model(base_model, cfg, device, start)
     for data in (source, prior):
         if data is not None:

@@ -49,3 +49,18 @@ def test_vram_tiers_pick_cheaper_settings_for_smaller_cards_and_say_why():
     for gb, (choice, why) in picks.items():
         assert f"{gb} GB GPU" in why and choice["quantization"] in why
         assert estimate(LARGE, 1024, validation=True, **choice).total <= 0.85 * gb * GiB
+
+
+def test_a_run_that_cannot_fit_stops_before_loading_saying_what_to_change(monkeypatch):
+    import pytest
+
+    from training import memory
+    from training.config import TrainConfig
+
+    monkeypatch.setattr(memory, "device_memory", lambda device: (12 * GiB, "a 12 GB GPU"))
+    cfg = TrainConfig(steps=1, rank=64, base_dtype="bf16", quantization="none", gradient_checkpointing=True)
+    with pytest.raises(MemoryError, match="more than the 12 GB on a 12 GB GPU.*quantization int8"):
+        memory.check_run(LARGE, cfg, 1024, "cpu", validation=True)
+    cfg = TrainConfig(steps=1, rank=16, quantization="int4", gradient_checkpointing=True)
+    level, message = memory.check_run(LARGE, cfg, 1024, "cpu", validation=False)
+    assert level in ("ok", "warn") and "12 GB" in message

@@ -54,6 +54,7 @@ __all__ = [
     "load_base",
     "load_from_state_dict",
     "load_transformer",
+    "read_config",
     "quantize_base",
 ]
 
@@ -164,6 +165,21 @@ def load_from_state_dict(
     torch_dtype = _check_dtype(dtype)
     src = StateDictSource(state, name)
     return build(src, plan(src, config_from_shapes), torch_dtype, quantization, device, progress)
+
+
+def read_config(base) -> dict[str, Any]:
+    """The ``SD3Transformer2DModel`` config of a base (file, folder or ``InMemoryBase``) from its header
+    or shapes alone: no weight is read, so a memory check can run before loading."""
+    if isinstance(base, InMemoryBase):
+        src = StateDictSource(base.state, base.name, base.metadata)
+    else:
+        path = Path(base)
+        if path.is_dir():
+            folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
+            config = json.loads((folder / "config.json").read_text())
+            return {k: v for k, v in config.items() if not k.startswith("_")}
+        src = open_source(path)
+    return plan(src, config_from_shapes).config
 
 
 def load_transformer(path: str | os.PathLike, dtype: str = "fp32"):
