@@ -27,9 +27,12 @@ from tools.model_formats import FP8_MAX, is_quantisable, write_streamed
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."
 
-# SD3.5 Medium's block shape (hidden 1536, qk RMS-norm, dual attention) with 12 of its 24 blocks; Large in full.
+# SD3.5 Medium's block shape (hidden 1536, qk RMS-norm, dual attention) with 12 of its 24 blocks; Medium and
+# Large in full. ComfyUI's own loader only reads files whose depth equals hidden / 64 (medium_full, large):
+# use those with --from-model.
 SHAPES = {
     "medium": dict(num_layers=12, num_attention_heads=24, dual_attention_layers=tuple(range(12)), pos=384),
+    "medium_full": dict(num_layers=24, num_attention_heads=24, dual_attention_layers=tuple(range(13)), pos=384),
     "large": dict(num_layers=38, num_attention_heads=38, dual_attention_layers=(), pos=192),
 }
 
