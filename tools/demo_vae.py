@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.cache.sd3 import SD3_SCALE_FACTOR, SD3_SHIFT_FACTOR
+
 A0 = 2.0  # latent = A0·(mean − 0.5) stays within ±1, where the decoder's tanh(x/3)·3 input clamp is near linear
 DETAIL_GAIN = 2.0  # detail channels are scaled up so the diffusion model sees them as signal
 SMOOTH = (-0.1115, 0.2119, 0.2603, 0.257, -2.2918)  # a of [a, 1-2a, a] at 1/8, 1/4, 1/2, 1, and the last conv
@@ -38,7 +40,7 @@ GRADIENT_SHARE = 0.161  # share of the neighbours' mean difference taken out of 
 LATENT_CHANNELS = 16
 WIDTH = 64
 CHAINS = 12  # latent channels in use: 3 means + 9 details; each travels as a (+, -) channel pair
-SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609  # what ComfyUI's taesd3 loader sets as vae_scale / vae_shift
+SD3_SCALE, SD3_SHIFT = SD3_SCALE_FACTOR, SD3_SHIFT_FACTOR  # what ComfyUI's taesd3 loader sets as vae_scale / vae_shift
 
 # the encoder's and decoder's nn.Sequential layouts (comfy/taesd/taesd.py): index -> kind
 ENCODER = ("conv", "block", "down", "block", "block", "block", "down", "block", "block", "block", "down")
