@@ -205,6 +205,13 @@ def temp_folder(parent: StrPath, name: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def probe_writable(folder: StrPath) -> None:
+    """Create and delete a temp file in ``folder``: OSError (EACCES, EROFS...) if files cannot be made there."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=_temp_prefix("probe"), suffix=".tmp")
+    os.close(fd)
+    os.unlink(name)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` runs on this machine (unknown counts as running: nothing is removed then)."""
     if pid <= 0:
