@@ -16,6 +16,7 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ._lora_io import NO_LORA, existing_lora_options, start_lora, trained_adapter
 from ._model_base import FROM_MODEL, graph_base, model_dtype
 from ._train_glue import (
     RUNS_FOLDER,
@@ -28,7 +29,7 @@ from ._train_glue import (
     vae_decoder,
     validation_grid,
 )
-from ._types import CATEGORY, Cache, TrainSettings
+from ._types import CATEGORY, Cache, LoraModel, TrainSettings
 from ._validation import Choice, verdict
 from .train_settings import AUTO_DTYPE, settings_defaults
 
@@ -157,6 +158,21 @@ class SD35TunerTrainLora(io.ComfyNode):
                     "MODEL, fp8-scaled files included): nothing is loaded twice. Returned with the trained LoRA applied "
                     "on the 'model' output. Optional: without it 'base_model' is read from its file.",
                 ),
+                Choice(
+                    "existing_lora",
+                    options=existing_lora_options(),
+                    default=NO_LORA,
+                    optional=True,
+                    tooltip="A LoRA in models/loras to continue training (as core's trainer's existing_lora): its "
+                    "targets, rank and weights replace the preset's, 'rank' and a fresh start. Diffusers-layout SD3 "
+                    f"LoRAs (this node's, diffusers', SimpleTuner's). Default {NO_LORA}: a new LoRA.",
+                ),
+                LoraModel.Input(
+                    "lora",
+                    optional=True,
+                    tooltip="A LORA_MODEL to continue training instead of a file (e.g. this node's 'lora' output "
+                    "from an earlier run). Optional; not together with existing_lora.",
+                ),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name", tooltip="The LoRA file's name in models/loras."),
@@ -168,6 +184,11 @@ class SD35TunerTrainLora(io.ComfyNode):
                 io.Image.Output(
                     display_name="validation",
                     tooltip="Validation samples: CFG row over APG row (a blank image without VAE or prompts).",
+                ),
+                LoraModel.Output(
+                    display_name="lora",
+                    tooltip="The trained adapter as ComfyUI's LORA_MODEL: core's Load LoRA Model applies it as "
+                    "LoraLoader applies the file; core's Save LoRA writes it.",
                 ),
             ],
         )
@@ -196,6 +217,8 @@ class SD35TunerTrainLora(io.ComfyNode):
         class_cache=None,
         vae=None,
         model=None,
+        existing_lora: str = NO_LORA,
+        lora: dict | None = None,
     ) -> io.NodeOutput:
         from ..training.config import TrainConfig
         from ..training.export import output_path
@@ -208,6 +231,8 @@ class SD35TunerTrainLora(io.ComfyNode):
             extra["base_dtype"] = (model_dtype(model) if model is not None else None) or auto
         if epochs:
             steps = max(1, epochs * len(cache) // (batch_size * extra.get("grad_accum", 1)))
+        start = start_lora(existing_lora, lora)
+        rank = start.rank if start is not None else rank  # a continued LoRA keeps its rank
         cfg = TrainConfig(
             **extra,
             steps=steps,
@@ -251,6 +276,7 @@ class SD35TunerTrainLora(io.ComfyNode):
                 device=comfy.model_management.get_torch_device(),
                 decode=vae_decoder(vae),
                 prior=class_cache,
+                start=start,
             )
             name = output.lora_path.relative_to(loras.resolve()).as_posix()
             patched = apply_lora(model, output.lora_path) if model is not None else None
@@ -264,4 +290,5 @@ class SD35TunerTrainLora(io.ComfyNode):
             comfy.model_management.soft_empty_cache()
         shown = grid if output.decoded else chart
         panel = {**ui.PreviewImage(shown, cls=cls).as_dict(), "lora_name": [name], "losses": output.losses}
-        return io.NodeOutput(name, patched, chart, json.dumps(output.losses), grid, ui=panel)
+        adapter = trained_adapter(output.lora_path)
+        return io.NodeOutput(name, patched, chart, json.dumps(output.losses), grid, adapter, ui=panel)
