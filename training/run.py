@@ -1,6 +1,7 @@
 """One training run from a base-model file to a LoRA file: the path the node and the CLI share.
 
-Order matters and is kept in one place: check the data can fill a step (before any model loads),
+Order matters and is kept in one place: take the run folder's lock (one trainer per folder, before
+anything loads), check the data can fill a step (before any model loads),
 load the base, check the cache was encoded for this model family, quantise + freeze the base, add
 the LoRA, train (checkpoints, validation samples), and only then write the LoRA file, atomically,
 so a failed or cancelled run leaves nothing half-written in the LoRA folder.
@@ -8,8 +9,11 @@ so a failed or cancelled run leaves nothing half-written in the LoRA folder.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,10 +23,12 @@ import torch
 from .config import TrainConfig
 from .data import TrainingSource
 from .export import PACK_VERSION, export_lora
+from .fs import folder_lock, resolve_inside
 from .loading import InMemoryBase, base_name, load_base
 from .loop import OnStep, Trainer, TrainResult, grad_enabled
 from .metadata import base_model_hashes, dataset_facts, sd3_variant
 from .model import add_lora, count_trainable, load_adapter_state, lora_target_modules
+from .run_folder import VALIDATION
 from .start_lora import StartLora
 from .validate import Decode, OnValidation, SampleSettings, Validation
 
@@ -37,6 +43,7 @@ class RunOutput:
     decoded: dict[str, torch.Tensor] = field(default_factory=dict)  # latest validation samples [N,H,W,3] per guidance
     resumed_from: Path | None = None  # the checkpoint the run continued from
     damaged: list[str] = field(default_factory=list)  # newer checkpoints skipped on resume, each with its reason
+    archived: Path | None = None  # where this fresh run moved an earlier run's files in its work_dir
 
 
 def check_compatible(meta: dict[str, Any], config: Any) -> None:
@@ -98,6 +105,25 @@ def sample_settings(cfg: TrainConfig) -> SampleSettings:
     )
 
 
+def _holding_work_dir(run: Callable[..., RunOutput]) -> Callable[..., RunOutput]:
+    """Hold the work folder's lock around the whole of ``run`` in the process that writes it, taken before
+    anything loads: a second trainer on the same folder (another ComfyUI, the CLI) fails at once, naming
+    the holder (``fs.FolderInUseError``); a killed trainer's lock is recovered by the next run."""
+    signature = inspect.signature(run)
+
+    @functools.wraps(run)
+    def locked(*args, **kwargs) -> RunOutput:
+        given = signature.bind(*args, **kwargs).arguments
+        accelerator = given.get("accelerator")
+        if accelerator is not None and not accelerator.is_main_process:
+            return run(*args, **kwargs)
+        with folder_lock(given["work_dir"], f"training {Path(given['lora_path']).name}"):
+            return run(*args, **kwargs)
+
+    return locked
+
+
+@_holding_work_dir
 @grad_enabled()  # weights loaded as inference tensors (inside ComfyUI) could not take part in the backward pass
 def run_training(
     base_model: str | os.PathLike | InMemoryBase,
@@ -121,6 +147,7 @@ def run_training(
     validation sampling may raise to cancel; the finished steps are then checkpointed for ``resume``.
     ``start`` continues an existing LoRA instead of a fresh one.
     """
+    samples = resolve_inside(work_dir, VALIDATION, "validation folder")  # a planted link must not lead out
     trainer = Trainer(source, cfg, prior, accelerator)
     _check_memory(base_model, source, cfg, device, decode is not None)
     transformer, spec = prepare_model(base_model, cfg, device, start)
@@ -130,7 +157,7 @@ def run_training(
     trainable = count_trainable(transformer)
     logger.info("training %d LoRA parameters on %d modules of %s", trainable, len(spec.targets), base_model)
     work_dir = Path(work_dir)
-    validation = Validation(transformer, source, sample_settings(cfg), work_dir / "validation", decode, on_validation)
+    validation = Validation(transformer, source, sample_settings(cfg), samples, decode, on_validation)
     result = trainer.fit(transformer, work_dir, on_step, resume, validation if cfg.validation_every else None)
     if trainer.main and validation.step != cfg.steps:  # the final samples, unless the loop just made them
         validation(cfg.steps)
@@ -141,7 +168,9 @@ def run_training(
         export_lora(transformer, spec, path, _lora_info(base_model, source, cfg, result, info), cfg.save_dtype)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    return RunOutput(path, result.losses, trainable, validation.decoded, result.resumed_from, result.damaged)
+    return RunOutput(
+        path, result.losses, trainable, validation.decoded, result.resumed_from, result.damaged, result.archived
+    )
 
 
 def _lora_info(base_model, source: TrainingSource, cfg: TrainConfig, result: TrainResult, extra) -> dict[str, Any]:
