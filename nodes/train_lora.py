@@ -45,7 +45,7 @@ PRESET_HELP = (
 class SD35TunerTrainLora(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from ..training.options import PRESET_NAMES, QUANTIZATION
+        from ..training.options import MEMORY_PRESETS, PRESET_NAMES, QUANTIZATION
 
         return io.Schema(
             node_id="SD35TunerTrainLora",
@@ -173,6 +173,18 @@ class SD35TunerTrainLora(io.ComfyNode):
                     tooltip="A LORA_MODEL to continue training instead of a file (e.g. this node's 'lora' output "
                     "from an earlier run). Optional; not together with existing_lora.",
                 ),
+                Choice(
+                    "memory_preset",
+                    options=list(MEMORY_PRESETS),
+                    default="manual",
+                    optional=True,
+                    tooltip="'auto': detect the GPU's memory and pick quantization, block offload, rank, batch and "
+                    "gradient checkpointing that fit it at the cache's resolution (e.g. SD3.5 Large at 1024 px: "
+                    "48 GB bf16 rank 64; 24 GB int8 rank 64; 16 GB int4 rank 32; 12 GB int4 rank 16; 8 GB int8 "
+                    "with block offload), overriding those inputs; what it chose and why is logged and shown "
+                    "here after the run. Default 'manual': the inputs as set (a run that cannot fit is stopped "
+                    "before loading, saying what to change).",
+                ),
             ],
             outputs=[
                 io.String.Output(display_name="lora_name", tooltip="The LoRA file's name in models/loras."),
@@ -219,6 +231,7 @@ class SD35TunerTrainLora(io.ComfyNode):
         model=None,
         existing_lora: str = NO_LORA,
         lora: dict | None = None,
+        memory_preset: str = "manual",
     ) -> io.NodeOutput:
         from ..training.config import TrainConfig
         from ..training.export import output_path
@@ -243,6 +256,7 @@ class SD35TunerTrainLora(io.ComfyNode):
             preset=preset,
             quantization=quantization,
             seed=seed,
+            memory_preset=memory_preset,
         )
         if model is None and base_model == FROM_MODEL:
             raise ValueError(f"base_model is '{FROM_MODEL}' but nothing is connected to 'model': connect a MODEL")
@@ -290,5 +304,6 @@ class SD35TunerTrainLora(io.ComfyNode):
             comfy.model_management.soft_empty_cache()
         shown = grid if output.decoded else chart
         panel = {**ui.PreviewImage(shown, cls=cls).as_dict(), "lora_name": [name], "losses": output.losses}
+        panel["memory"] = output.memory  # the memory plan: what memory_preset auto chose and the pre-flight
         adapter = trained_adapter(output.lora_path)
         return io.NodeOutput(name, patched, chart, json.dumps(output.losses), grid, adapter, ui=panel)

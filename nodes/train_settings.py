@@ -151,6 +151,16 @@ class SD35TunerTrainSettings(io.ComfyNode):
                     step=0.1,
                     tooltip="Guidance scale of the validation samples (CFG and APG). Default 4.0; 1.0 = unguided.",
                 ),
+                io.Boolean.Input(
+                    "block_offload",
+                    default=False,
+                    optional=True,
+                    tooltip="Keep the frozen transformer blocks in CPU RAM and bring one block at a time to the GPU "
+                    "for each forward and backward pass (kohya's block swap). Default off. Memory: the GPU then "
+                    "holds about two blocks of the base instead of all (SD3.5 Large int8: under 1 GB instead of "
+                    "8 GB), at the cost of copying the base over PCIe twice per step; the RAM must hold the base. "
+                    "Needs gradient_checkpointing on. The trainer's memory_preset 'auto' turns it on when needed.",
+                ),
             ],
             outputs=[TrainSettings.Output(display_name="settings")],
         )

@@ -125,8 +125,8 @@ def preflight(est: Estimate, available: float, where: str = "the GPU") -> tuple[
     if est.total <= 0.85 * available:
         return "ok", f"memory: needs {est.text()} of {have:.0f} GB on {where}"
     advice = (
-        "to fit, in order: quantization int8 (then int4), gradient_checkpointing on, block offload on, "
-        "a lower resolution or batch size, a lower rank"
+        "to fit, in order: memory_preset auto (picks these for the GPU), or quantization int8 (then int4), "
+        "gradient_checkpointing on, block_offload on, a lower resolution or batch size, a lower rank"
     )
     if est.total <= available:
         return "warn", f"memory: {need:.1f} GB of {have:.0f} GB on {where} is tight ({est.text()}); {advice}"
@@ -147,11 +147,19 @@ TIER_CANDIDATES: tuple[dict[str, Any], ...] = (
 
 
 def vram_tier(
-    config: dict[str, Any], vram: float, resolution: int = 1024, base_dtype: str = "bf16", validation: bool = True
+    config: dict[str, Any],
+    vram: float,
+    resolution: int = 1024,
+    base_dtype: str = "bf16",
+    validation: bool = True,
+    rank: int | None = None,
+    preset: str = "attention",
 ) -> tuple[dict, str]:
-    """Settings for a GPU with ``vram`` bytes (8 / 12 / 16 / 24 / 48+ GB cards), and why they were chosen."""
-    for choice in TIER_CANDIDATES:
-        est = estimate(config, resolution, base_dtype=base_dtype, validation=validation, **choice)
+    """Settings for a GPU with ``vram`` bytes (8 / 12 / 16 / 24 / 48+ GB cards), and why they were chosen.
+    ``rank``: keep this rank (a LoRA being continued) instead of the candidates'."""
+    candidates = [{**c, "rank": rank} if rank else c for c in TIER_CANDIDATES]
+    for choice in candidates:
+        est = estimate(config, resolution, preset=preset, base_dtype=base_dtype, validation=validation, **choice)
         if est.total <= 0.85 * vram:
             why = (
                 f"{vram / GiB:.0f} GB GPU: quantization {choice['quantization']}, block offload "
@@ -160,8 +168,44 @@ def vram_tier(
                 f"whose estimate, {est.text()}, leaves 15% headroom at {resolution} px"
             )
             return choice, why
-    choice = TIER_CANDIDATES[-1]
+    choice = candidates[-1]
     return choice, f"{vram / GiB:.0f} GB GPU: nothing fits at {resolution} px; the most frugal setting is used anyway"
+
+
+def auto_settings(config: dict[str, Any], cfg, resolution: int, device, validation: bool, samples: int, rank=None):
+    """``memory_preset`` "auto": ``cfg`` with the tier's quantisation, block offload, rank, batch and
+    checkpointing for the detected GPU, and a line saying what was chosen and why. ``alpha`` follows the
+    rank (the LoRA's strength scale alpha/rank stays as set); the batch never exceeds what ``samples``
+    can fill. On a CPU the settings stay as set."""
+    import torch
+
+    if torch.device(device).type != "cuda":
+        return cfg, f"memory_preset auto: no GPU ({torch.device(device).type}), the settings are used as set"
+    vram, name = device_memory(device)
+    choice, why = vram_tier(config, vram, resolution, cfg.base_dtype, validation, rank, cfg.preset)
+    batch = max(1, min(choice["batch"], samples // cfg.grad_accum))
+    new = cfg.replace(
+        quantization=choice["quantization"],
+        block_offload=choice["block_offload"],
+        rank=choice["rank"],
+        alpha=cfg.alpha * choice["rank"] / cfg.rank,
+        batch_size=batch,
+        gradient_checkpointing=choice["gradient_checkpointing"],
+    )
+    changed = [
+        f"{k} {_shown(getattr(cfg, k))} -> {_shown(getattr(new, k))}"
+        for k in _TIER_FIELDS
+        if getattr(cfg, k) != getattr(new, k)
+    ]
+    what = f"; changed: {', '.join(changed)}" if changed else "; the settings already were these"
+    return new, f"memory_preset auto on {name}, {why}{what}"
+
+
+_TIER_FIELDS = ("quantization", "block_offload", "rank", "alpha", "batch_size", "gradient_checkpointing")
+
+
+def _shown(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def device_memory(device) -> tuple[float, str]:
@@ -194,6 +238,7 @@ def check_run(config: dict[str, Any], cfg, resolution: int, device, validation: 
         quantization=cfg.quantization,
         base_dtype=cfg.base_dtype,
         gradient_checkpointing=cfg.gradient_checkpointing,
+        block_offload=cfg.block_offload,
         device=kind,
         validation=validation,
     )

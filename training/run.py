@@ -44,6 +44,7 @@ class RunOutput:
     resumed_from: Path | None = None  # the checkpoint the run continued from
     damaged: list[str] = field(default_factory=list)  # newer checkpoints skipped on resume, each with its reason
     archived: Path | None = None  # where this fresh run moved an earlier run's files in its work_dir
+    memory: list[str] = field(default_factory=list)  # the memory pre-flight's verdict (and what "auto" chose)
 
 
 def check_compatible(meta: dict[str, Any], config: Any) -> None:
@@ -70,8 +71,10 @@ def prepare_model(
 ):
     """The model a run trains: the base (a file, or a ComfyUI MODEL's weights) built block by block on
     ``device``, quantised and frozen as asked, then the LoRA attached: a fresh one, or with ``start`` an
-    existing LoRA's targets, rank and weights."""
-    transformer = load_base(base_model, cfg.base_dtype, cfg.quantization, device)
+    existing LoRA's targets, rank and weights. With ``cfg.block_offload`` the joint blocks' frozen
+    weights stay in CPU RAM and visit ``device`` one block at a time (``training.offload``)."""
+    blocks_device = "cpu" if cfg.block_offload else None
+    transformer = load_base(base_model, cfg.base_dtype, cfg.quantization, device, blocks_device=blocks_device)
     if start is None:
         targets = lora_target_modules(transformer, cfg.preset, cfg.blocks, cfg.exclude_blocks)
         spec = add_lora(transformer, cfg.rank, cfg.alpha, targets, cfg.lora_dropout, seed=cfg.seed)
@@ -79,18 +82,34 @@ def prepare_model(
         start.check_fits(transformer)
         spec = add_lora(transformer, start.rank, cfg.alpha, list(start.targets), cfg.lora_dropout, seed=cfg.seed)
         load_adapter_state(transformer, start.adapter_tensors(cfg.alpha), start.name)
+    if cfg.block_offload:
+        from .offload import offload_blocks
+
+        offload_blocks(transformer, device)
+        return transformer, spec
     return transformer.to(device), spec
 
 
-def _check_memory(base_model, source: TrainingSource, cfg: TrainConfig, device, validation: bool) -> None:
-    """The memory pre-flight, before the base is loaded: stops a run that cannot fit, warns when tight."""
+def plan_memory(
+    base_model, source: TrainingSource, cfg: TrainConfig, device, validation: bool, start: StartLora | None = None
+) -> tuple[TrainConfig, list[str]]:
+    """Before the base is loaded: with ``memory_preset`` "auto" the settings the GPU fits (logged with
+    the reason), then the pre-flight that stops a run that cannot fit and warns when tight. Returns the
+    run's settings and the lines said."""
     from .loading import read_config
-    from .memory import check_run
+    from .memory import auto_settings, check_run
 
     first = next(source.batches(1, cfg.seed, 0, drop_last=False))
     resolution = 8 * max(first.latents.shape[-2:])
-    level, message = check_run(read_config(base_model), cfg, resolution, device, validation)
+    config = read_config(base_model)
+    said = []
+    if cfg.memory_preset == "auto":
+        cfg, why = auto_settings(config, cfg, resolution, device, validation, len(source), start and start.rank)
+        logger.info(why)
+        said.append(why)
+    level, message = check_run(config, cfg, resolution, device, validation)
     (logger.warning if level == "warn" else logger.info)(message)
+    return cfg, [*said, message]
 
 
 def sample_settings(cfg: TrainConfig) -> SampleSettings:
@@ -149,7 +168,9 @@ def run_training(
     """
     samples = resolve_inside(work_dir, VALIDATION, "validation folder")  # a planted link must not lead out
     trainer = Trainer(source, cfg, prior, accelerator)
-    _check_memory(base_model, source, cfg, device, decode is not None)
+    planned, memory = plan_memory(base_model, source, cfg, device, decode is not None, start)
+    if planned != cfg:
+        cfg, trainer = planned, Trainer(source, planned, prior, accelerator)
     transformer, spec = prepare_model(base_model, cfg, device, start)
     for data in (source, prior):
         if data is not None:
@@ -169,7 +190,14 @@ def run_training(
     if accelerator is not None:
         accelerator.wait_for_everyone()
     return RunOutput(
-        path, result.losses, trainable, validation.decoded, result.resumed_from, result.damaged, result.archived
+        path,
+        result.losses,
+        trainable,
+        validation.decoded,
+        result.resumed_from,
+        result.damaged,
+        result.archived,
+        memory,
     )
 
 

@@ -101,7 +101,7 @@ def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, ba
     name = f"node_{uuid.uuid4().hex[:6]}"
     loras = comfy.base_dir / "models" / "loras"
     (loras / f"{name}.safetensors").write_bytes(b"an older LoRA with the same name")
-    prompt = _prompt(base_prompt, name, vae=["3", 0], model=["6", 0], class_cache=["5", 0])
+    prompt = _prompt(base_prompt, name, vae=["3", 0], model=["6", 0], class_cache=["5", 0], memory_preset="auto")
     prompt["9"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     prompt["10"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a tabby cat", "clip": ["4", 0]}}
     prompt["11"] = {
@@ -126,6 +126,8 @@ def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, ba
     assert panel["lora_name"] == [f"{name}_2.safetensors"]
     assert len(panel["losses"]) == 4 and all(isinstance(v, float) for v in panel["losses"])
     assert panel["images"], "the node shows the validation grid"
+    assert panel["memory"][0] == "memory_preset auto: no GPU (cpu), the settings are used as set"
+    assert panel["memory"][1].startswith("memory: needs ~")  # the pre-flight's verdict, shown in the node
     assert (loras / f"{name}.safetensors").read_bytes() == b"an older LoRA with the same name"
     with safe_open(str(loras / f"{name}_2.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()

@@ -79,8 +79,10 @@ def build(
     quantization: str = "none",
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    blocks_device: str | torch.device | None = None,
 ):
-    """The transformer of ``plan`` from ``src``, in ``dtype`` on ``device``, its blocks quantised."""
+    """The transformer of ``plan`` from ``src``, in ``dtype`` on ``device``, its blocks quantised; each
+    joint block moves to ``blocks_device`` once built when given (block offload keeps them in RAM)."""
     from diffusers import SD3Transformer2DModel
 
     device = torch.device(device)
@@ -100,6 +102,8 @@ def build(
             from .gguf import to_gguf_linears
 
             to_gguf_linears(model.get_submodule(prefix[:-1]) if prefix else model, dtype)
+        if prefix and blocks_device is not None:
+            model.get_submodule(prefix[:-1]).to(blocks_device)
         trim_heap()
         if progress is not None:
             progress(done + 1, len(groups))

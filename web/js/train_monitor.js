@@ -18,7 +18,9 @@ function buildMonitor() {
   const status = el("div", { fontSize: "11px", fontFamily: "monospace", whiteSpace: "nowrap", overflow: "hidden" });
   status.className = "sd35-train-status";
   status.textContent = "not started";
-  root.append(canvas, status);
+  const plan = el("div", { fontSize: "10px", fontFamily: "monospace", whiteSpace: "pre-wrap", display: "none" });
+  plan.className = "sd35-train-memory"; // what memory_preset "auto" chose and why, and the memory pre-flight
+  root.append(canvas, status, plan);
   let points = []; // [step, loss]
 
   function draw() {
@@ -68,7 +70,9 @@ function buildMonitor() {
     draw();
   }
 
-  function finish(losses, name) {
+  function finish(losses, name, memory) {
+    plan.textContent = (memory ?? []).join("\n");
+    plan.style.display = memory?.length ? "block" : "none";
     points = losses.map((v, i) => [i + 1, v]);
     status.textContent = `done: ${losses.length} steps, last loss ${losses[losses.length - 1]?.toFixed(4)}  → ${name ?? ""}`;
     draw();
@@ -103,7 +107,8 @@ app.registerExtension({
       minHeight: 140,
     });
     chainHook(nodeType.prototype, "onExecuted", function (message) {
-      if (Array.isArray(message?.losses)) this.sd35Monitor?.finish(message.losses, message.lora_name?.[0]);
+      if (Array.isArray(message?.losses))
+        this.sd35Monitor?.finish(message.losses, message.lora_name?.[0], message.memory);
     });
   },
 });
