@@ -132,13 +132,6 @@ class SD35TunerCacheLatents(io.ComfyNode):
                     tooltip="Where the cache folder lives. Default 'output' (kept); 'temp' is wiped when ComfyUI "
                     "restarts.",
                 ),
-                io.String.Input(
-                    "validation_prompts",
-                    multiline=True,
-                    default="",
-                    tooltip="One prompt per line, encoded now for the trainer's validation samples. Default empty "
-                    "(no validation prompts).",
-                ),
                 io.Boolean.Input(
                     "random_flip",
                     default=False,
@@ -212,7 +205,6 @@ class SD35TunerCacheLatents(io.ComfyNode):
         clip,
         cache_name,
         location,
-        validation_prompts,
         random_flip,
         caption_variants,
         keep_first_parts,
@@ -233,7 +225,6 @@ class SD35TunerCacheLatents(io.ComfyNode):
                 text,
                 flip=random_flip,
                 batch_size=batch_size,
-                validation_prompts=validation_prompts.splitlines(),
                 shuffle_variants=caption_variants,
                 keep_first=keep_first_parts,
                 render=render_item,

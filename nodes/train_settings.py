@@ -132,25 +132,6 @@ class SD35TunerTrainSettings(io.ComfyNode):
                 io.Int.Input(
                     "keep_checkpoints", default=3, min=1, max=1000, tooltip="Keep the newest N checkpoints. Default 3."
                 ),
-                io.Int.Input(
-                    "validation_every",
-                    default=0,
-                    min=0,
-                    max=100_000,
-                    tooltip="Sample the cache's validation prompts every N steps (needs the VAE input). Default 0 = "
-                    "only once at the end.",
-                ),
-                io.Int.Input(
-                    "validation_steps", default=20, min=1, max=200, tooltip="Sampler steps per validation image."
-                ),
-                io.Float.Input(
-                    "validation_cfg",
-                    default=4.0,
-                    min=1.0,
-                    max=30.0,
-                    step=0.1,
-                    tooltip="Guidance scale of the validation samples (CFG and APG). Default 4.0; 1.0 = unguided.",
-                ),
             ],
             outputs=[TrainSettings.Output(display_name="settings")],
         )

@@ -98,15 +98,16 @@ def load_and_crop(resolution: int, max_upscale: float) -> list[list[Node]]:
 def cache_columns() -> list[list[Node]]:
     return [
         [checkpoint_loader(), clip_loader()],
-        [Node("cache", "SD35TunerCacheLatents", {"validation_prompts": PROMPT}, width=360)],
+        [Node("cache", "SD35TunerCacheLatents", width=360)],
     ]
 
 
 def train_columns(chart: Node) -> list[list[Node]]:
     """Settings -> trainer -> the loss chart, left to right (the trainer's MODEL goes on to the next group)."""
     values = {"base_model": BASE_MODEL, "lora_name": "my_sd35_lora", "steps": 1000, "quantization": "int8"}
+    values |= {"validation_prompts": PROMPT, "validation_every": 200}
     return [
-        [Node("settings", "SD35TunerTrainSettings", {"max_grad_norm": 0.1, "validation_every": 200})],
+        [Node("settings", "SD35TunerTrainSettings", {"max_grad_norm": 0.1})],
         [Node("train", "SD35TunerTrainLora", values, width=380, models=CHECKPOINT_MODELS)],
         [chart],
     ]
@@ -127,6 +128,7 @@ CACHE_TRAIN_LINKS = [
     ("clip.CLIP", "cache.clip"),
     ("cache.cache", "train.cache"),
     ("settings.settings", "train.settings"),
+    ("clip.CLIP", "train.clip"),
     ("ckpt.VAE", "train.vae"),
     ("ckpt.MODEL", "train.model"),
     ("train.loss_chart", "chart.images"),

@@ -90,6 +90,8 @@ CHECKS = [  # our validate_inputs, through the library check of each concern
     ("SD35TunerTrainSettings", "blocks", "12-x", "block indices like '12-24,30'"),
     ("SD35TunerTrainLora", "lora_name", "../escape", "not a plain file name"),
     ("SD35TunerTrainLora", "resume", True, "no checkpoint of 'never_trained'"),
+    ("SD35TunerTrainLora", "validation_cfg", math.nan, "validation_cfg must be a finite number"),
+    ("SD35TunerTrainLora", "apg_momentum", -2.0, "apg_momentum must be between -1.5 and 1"),
     ("SD35TunerAPG", "eta", math.nan, "eta must be a finite number"),
     ("SD35TunerAPGGuider", "momentum", math.inf, "momentum must be a finite number"),
     ("SD35TunerCompareCFGAPG", "norm_threshold", -1.0, "norm_threshold must be between 0 and 1000"),
