@@ -154,15 +154,20 @@ class SD35TunerAPG(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerAPG",
-            display_name="Adaptive Projected Guidance (SD3.5 Tuner)",
+            display_name="Adaptive Projected Guidance (paper)",
             category=CATEGORY_APG,
             description="Patches a MODEL so every sampler (KSampler, KSamplerAdvanced, SamplerCustom) guides with "
             f"APG ({PAPER}) on the denoised predictions, using the sampler's own cfg as the scale w: "
             "D = D_cond + (w-1)(delta_orth + eta*delta_par). Reduces the oversaturation of high cfg. "
-            "cfg = 1 is unguided (no-op); cfg < 1 samples with plain CFG.",
+            "cfg = 1 is unguided (no-op); cfg < 1 samples with plain CFG. Unlike core's Adaptive Projected Guidance "
+            "it uses the paper's w - 1 convention (core's cfg w acts like ours at w + 1), works on the denoised "
+            "(x0) predictions as the paper does, and resets its momentum at the start of every sampling run.",
             inputs=[io.Model.Input("model", tooltip="The model to sample with APG.")] + apg_inputs(),
             outputs=[
-                io.Model.Output(tooltip="A clone of the model with APG installed; the input model is untouched.")
+                io.Model.Output(
+                    display_name="model",
+                    tooltip="A clone of the model with APG installed; the input model is untouched.",
+                )
             ],
         )
 
@@ -182,7 +187,7 @@ class SD35TunerAPGGuider(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerAPGGuider",
-            display_name="APG Guider (SD3.5 Tuner)",
+            display_name="APG Guider",
             category=CATEGORY_APG,
             description=f"A GUIDER for SamplerCustomAdvanced that guides with APG ({PAPER}) at scale cfg.",
             inputs=[
@@ -200,7 +205,12 @@ class SD35TunerAPGGuider(io.ComfyNode):
                 ),
             ]
             + apg_inputs(),
-            outputs=[io.Guider.Output()],
+            outputs=[
+                io.Guider.Output(
+                    display_name="guider",
+                    tooltip="A GUIDER for SamplerCustomAdvanced that samples with APG at scale cfg.",
+                )
+            ],
         )
 
     @classmethod
@@ -222,7 +232,7 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerCompareCFGAPG",
-            display_name="Compare CFG vs APG (SD3.5 Tuner)",
+            display_name="Compare CFG vs APG",
             category=CATEGORY_APG,
             description="Samples the same model, conditioning, seed, steps and sampler twice, with plain CFG and "
             "with APG at the same cfg, decodes both and shows them side by side with their settings, plus "
@@ -275,10 +285,18 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
             ]
             + apg_inputs(),
             outputs=[
-                io.Image.Output("comparison", tooltip="CFG (left) and APG (right) with their settings as captions."),
-                io.String.Output("figures", tooltip="Mean saturation and brightness per image and APG/CFG ratios."),
-                io.Image.Output("cfg_image"),
-                io.Image.Output("apg_image"),
+                io.Image.Output(
+                    "comparison",
+                    display_name="comparison",
+                    tooltip="CFG (left) and APG (right) with their settings as captions.",
+                ),
+                io.String.Output(
+                    "figures",
+                    display_name="figures",
+                    tooltip="Mean saturation and brightness per image and APG/CFG ratios.",
+                ),
+                io.Image.Output("cfg_image", display_name="cfg_image", tooltip="The CFG sample alone."),
+                io.Image.Output("apg_image", display_name="apg_image", tooltip="The APG sample alone."),
             ],
             is_output_node=True,
         )

@@ -107,7 +107,7 @@ class SD35TunerCacheLatents(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerCacheLatents",
-            display_name="Cache Latents + Text Embeddings (SD3.5 Tuner)",
+            display_name="Cache Latents + Text Embeddings",
             category=f"{CATEGORY}/training",
             is_output_node=True,  # caching is worth running on its own, before any trainer is wired
             description="Encodes every dataset image with the VAE and every caption with the CLIP once, into "
@@ -173,8 +173,14 @@ class SD35TunerCacheLatents(io.ComfyNode):
                 ),
             ],
             outputs=[
-                Cache.Output(display_name="cache", tooltip="The cache, for the trainer."),
-                io.String.Output(display_name="summary", tooltip="Items, buckets, bytes, reused vs encoded."),
+                Cache.Output(
+                    display_name="cache", tooltip="The cache, for the trainer's cache (or class_cache) input."
+                ),
+                io.String.Output(
+                    display_name="summary",
+                    tooltip="Items, buckets, what was encoded vs reused, truncated captions, repairs (also shown in "
+                    "this node).",
+                ),
             ],
         )
 

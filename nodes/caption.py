@@ -39,7 +39,7 @@ class Caption(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerCaption",
-            display_name="Caption Dataset (SD3.5 Tuner)",
+            display_name="Caption Dataset",
             category=f"{CATEGORY}/dataset",
             description="Fills or edits captions. Optionally generates them with a local vision-language model from "
             "models/captioners/ (BLIP, LLaVA/JoyCaption, Qwen2.5-VL, Florence-2 in transformers format), captioning "
@@ -94,7 +94,7 @@ class Caption(io.ComfyNode):
                     "folder whose .py files you trust.",
                 ),
             ],
-            outputs=[DatasetType.Output(display_name="dataset")],
+            outputs=[DatasetType.Output(display_name="dataset", tooltip="The dataset with its new captions.")],
         )
 
     @classmethod

@@ -49,7 +49,7 @@ class SD35TunerTrainLora(io.ComfyNode):
 
         return io.Schema(
             node_id="SD35TunerTrainLora",
-            display_name="Train SD3.5 LoRA (SD3.5 Tuner)",
+            display_name="Train SD3.5 LoRA",
             category=f"{CATEGORY}/training",
             description="Trains a LoRA for an SD3 / SD3.5 checkpoint on a latent cache (flow matching, as SD3 was "
             "trained) and saves it in models/loras, where LoraLoader lists it. The loss streams into this node while "

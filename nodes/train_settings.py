@@ -17,7 +17,7 @@ class SD35TunerTrainSettings(io.ComfyNode):
 
         return io.Schema(
             node_id="SD35TunerTrainSettings",
-            display_name="LoRA Training Settings (SD3.5 Tuner)",
+            display_name="LoRA Training Settings",
             category=f"{CATEGORY}/training",
             description="The trainer's advanced settings. Connect to the trainer's 'settings' input; without it the "
             "defaults shown here are used. The defaults suit SD3.5 Large on a 24 GB card.",
@@ -133,7 +133,7 @@ class SD35TunerTrainSettings(io.ComfyNode):
                     "keep_checkpoints", default=3, min=1, max=1000, tooltip="Keep the newest N checkpoints. Default 3."
                 ),
             ],
-            outputs=[TrainSettings.Output(display_name="settings")],
+            outputs=[TrainSettings.Output(display_name="settings", tooltip="For the trainer's settings input.")],
         )
 
     @classmethod

@@ -139,7 +139,7 @@ COMPARE_LINKS = [  # prompts() -> compare_columns()
     ("neg.CONDITIONING", "compare.negative"),
     ("latent.LATENT", "compare.latent_image"),
     ("ckpt.VAE", "compare.vae"),
-    ("compare.IMAGE", "save.images"),
+    ("compare.comparison", "save.images"),
 ]
 
 
@@ -293,7 +293,7 @@ def _train() -> Workflow:
             *CACHE_TRAIN_LINKS,
             *PROMPT_LINKS,
             ("train.model", "apg.model"),
-            ("apg.MODEL", "sampler.model"),
+            ("apg.model", "sampler.model"),
             ("pos.CONDITIONING", "sampler.positive"),
             ("neg.CONDITIONING", "sampler.negative"),
             ("latent.LATENT", "sampler.latent_image"),
