@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ._validation import range_problems
+
 PROMPTS_HELP = (
     "One prompt per line, sampled during training with CFG and with APG at the same seed (needs the clip and vae "
     "inputs). Start with the trigger word to see the LoRA take hold. Empty (default): no validation samples."
@@ -19,7 +21,7 @@ PROMPTS_HELP = (
 
 
 def validation_inputs() -> list[io.Input]:
-    from ..apg.patch import APGSettings
+    from ..apg.settings import MOMENTUM_LIMIT, MOMENTUM_REASON, APGSettings
 
     apg = APGSettings()
     return [
@@ -71,11 +73,11 @@ def validation_inputs() -> list[io.Input]:
         io.Float.Input(
             "apg_momentum",
             default=apg.momentum,
-            min=-1.5,
-            max=1.0,
+            min=-MOMENTUM_LIMIT,
+            max=MOMENTUM_LIMIT,
             step=0.01,
             tooltip=f"APG row: momentum beta across sampler steps (negative = the paper's reverse momentum), reset "
-            f"for every validation. Default {apg.momentum:g}, as the APG node.",
+            f"for every validation. Default {apg.momentum:g}, as the APG node. {MOMENTUM_REASON}",
         ),
     ]
 
@@ -116,9 +118,19 @@ def encode_prompts(clip, cache, prompts: list[str]) -> list[tuple]:
         return [(p, e.cond.float().cpu().clone(), e.pooled.float().cpu().clone()) for p, e in encoded.items()]
 
 
+def guidance_problems(node: type[io.ComfyNode], validation_cfg: float, **apg: float) -> dict[str, str]:
+    """The widgets' ranges, then ``apg.settings``' checks of the scale and the ``apg_*`` settings."""
+    from ..apg.settings import check_apg, check_scale
+
+    problems = range_problems(node, validation_cfg=validation_cfg, **apg)
+    found = {f"apg_{k}": v for k, v in check_apg(**{k.removeprefix("apg_"): v for k, v in apg.items()}).items()}
+    found["validation_cfg"] = check_scale(validation_cfg, "validation_cfg")
+    return problems | {name: text for name, text in found.items() if text and name not in problems}
+
+
 def row_labels(cfg) -> dict[str, str]:
     """Row label per guidance of the validation grid (``cfg``: the run's TrainConfig)."""
-    from ..apg.patch import APGSettings
+    from ..apg.settings import APGSettings
 
     apg = APGSettings(eta=cfg.apg_eta, norm_threshold=cfg.apg_norm_threshold, momentum=cfg.apg_momentum)
     return {"cfg": f"CFG w={cfg.validation_cfg:g}", "apg": apg.label(cfg.validation_cfg)}

@@ -13,7 +13,7 @@ from comfy_api.latest import io, ui
 import nodes as comfy_nodes
 
 from ..apg.schedule import REFERENCE_ELEMENTS, THRESHOLD_MODES, WINDOW_UNITS, GuidanceWindow
-from ..apg.settings import MOMENTUM_LIMIT
+from ..apg.settings import MOMENTUM_LIMIT, MOMENTUM_REASON
 from ._types import CATEGORY
 from ._validation import Choice, range_problems, verdict
 
@@ -59,7 +59,8 @@ def apg_inputs() -> list[io.Input]:
             max=MOMENTUM_LIMIT,
             step=0.01,
             tooltip="beta in m <- delta + beta*m across steps; negative is the paper's reverse momentum. "
-            "Default -0.5 (the paper's SDXL value). 0 disables momentum. Resets at the start of every run.",
+            "Default -0.5 (the paper's SDXL value). 0 disables momentum. Resets at the start of every run. "
+            + MOMENTUM_REASON,
         ),
         io.Float.Input(
             "window_start",
@@ -110,24 +111,16 @@ def settings_from(
     )
 
 
-def check_apg(
-    node: type[io.ComfyNode],
-    eta: float | None,
-    norm_threshold: float | None,
-    momentum: float | None,
-    window_start: float | None,
-    window_end: float | None,
-) -> bool | str:
-    """validate_inputs of every APG node: the widgets' ranges, then the library's checks (window order...)."""
-    from ..apg.patch import APGSettings
+def check_apg(node: type[io.ComfyNode], window_start: float | None, window_end: float | None, **values) -> bool | str:
+    """validate_inputs of every APG node: the widgets' ranges, then the library's one check of the APG settings
+    (``apg.settings``: finite values, bounded momentum, guidance scale) and of the window's order."""
+    from ..apg.settings import check_apg as apg_problems
+    from ..apg.settings import check_scale
 
-    values = {"eta": eta, "norm_threshold": norm_threshold, "momentum": momentum}
     problems = range_problems(node, **values, window_start=window_start, window_end=window_end)
-    for name, value in values.items():
-        try:
-            _ = name in problems or value is None or APGSettings(**{name: value})
-        except ValueError as err:
-            problems[name] = str(err)
+    scale = values.pop("cfg", None)
+    found = {**apg_problems(**values), **({"cfg": check_scale(scale)} if scale is not None else {})}
+    problems |= {name: text for name, text in found.items() if text and name not in problems}
     try:
         _ = problems or None in (window_start, window_end) or GuidanceWindow(window_start, window_end)
     except ValueError as err:
@@ -175,7 +168,7 @@ class SD35TunerAPG(io.ComfyNode):
     def validate_inputs(
         cls, eta: float, norm_threshold: float, momentum: float, window_start: float, window_end: float
     ) -> bool | str:
-        return check_apg(cls, eta, norm_threshold, momentum, window_start, window_end)
+        return check_apg(cls, window_start, window_end, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
 
     @classmethod
     def execute(cls, model, **kwargs) -> io.NodeOutput:
@@ -215,9 +208,10 @@ class SD35TunerAPGGuider(io.ComfyNode):
 
     @classmethod
     def validate_inputs(
-        cls, eta: float, norm_threshold: float, momentum: float, window_start: float, window_end: float
+        cls, cfg: float, eta: float, norm_threshold: float, momentum: float, window_start: float, window_end: float
     ) -> bool | str:
-        return check_apg(cls, eta, norm_threshold, momentum, window_start, window_end)
+        apg = {"eta": eta, "norm_threshold": norm_threshold, "momentum": momentum}
+        return check_apg(cls, window_start, window_end, cfg=cfg, **apg)
 
     @classmethod
     def execute(cls, model, positive, negative, cfg: float, **kwargs) -> io.NodeOutput:
@@ -303,9 +297,10 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
 
     @classmethod
     def validate_inputs(
-        cls, eta: float, norm_threshold: float, momentum: float, window_start: float, window_end: float
+        cls, cfg: float, eta: float, norm_threshold: float, momentum: float, window_start: float, window_end: float
     ) -> bool | str:
-        return check_apg(cls, eta, norm_threshold, momentum, window_start, window_end)
+        apg = {"eta": eta, "norm_threshold": norm_threshold, "momentum": momentum}
+        return check_apg(cls, window_start, window_end, cfg=cfg, **apg)
 
     @classmethod
     def execute(

@@ -28,9 +28,9 @@ from ._train_glue import (
     run_problems,
     vae_decoder,
 )
-from ._train_validation import encode_prompts, row_labels, split_prompts, validation_inputs
+from ._train_validation import encode_prompts, guidance_problems, row_labels, split_prompts, validation_inputs
 from ._types import CATEGORY, Cache, LoraModel, TrainSettings
-from ._validation import Choice, range_problems, verdict
+from ._validation import Choice, verdict
 from .train_settings import AUTO_DTYPE, settings_defaults
 
 logger = logging.getLogger(__name__)
@@ -210,10 +210,8 @@ class SD35TunerTrainLora(io.ComfyNode):
         apg_norm_threshold: float,
         apg_momentum: float,
     ) -> bool | str:
-        guidance = {"apg_eta": apg_eta, "apg_norm_threshold": apg_norm_threshold, "apg_momentum": apg_momentum}
-        return verdict(
-            {**run_problems(lora_name, resume), **range_problems(cls, validation_cfg=validation_cfg, **guidance)}
-        )
+        apg = {"apg_eta": apg_eta, "apg_norm_threshold": apg_norm_threshold, "apg_momentum": apg_momentum}
+        return verdict({**run_problems(lora_name, resume), **guidance_problems(cls, validation_cfg, **apg)})
 
     @classmethod
     def execute(

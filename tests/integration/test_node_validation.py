@@ -93,9 +93,10 @@ CHECKS = [  # our validate_inputs, through the library check of each concern
     ("SD35TunerTrainLora", "lora_name", "../escape", "not a plain file name"),
     ("SD35TunerTrainLora", "resume", True, "no checkpoint of 'never_trained'"),
     ("SD35TunerTrainLora", "validation_cfg", math.nan, "validation_cfg must be a finite number"),
-    ("SD35TunerTrainLora", "apg_momentum", -2.0, "apg_momentum must be between -1.5 and 1"),
+    ("SD35TunerTrainLora", "apg_momentum", -2.0, "apg_momentum must be between -0.99 and 0.99"),
     ("SD35TunerAPG", "eta", math.nan, "eta must be a finite number"),
     ("SD35TunerAPGGuider", "momentum", math.inf, "momentum must be a finite number"),
+    ("SD35TunerAPGGuider", "cfg", math.nan, "cfg must be a finite number"),
     ("SD35TunerCompareCFGAPG", "norm_threshold", -1.0, "norm_threshold must be between 0 and 1000"),
     ("SD35TunerAPG", "window_start", 0.8, "window_start (0.8) is after window_end"),
 ]
