@@ -1,5 +1,5 @@
-"""ComfyUI glue for the trainer node: base-model folders, the progress stream (also where Cancel is
-noticed), the VAE decoder for validation samples, applying the trained LoRA to a MODEL."""
+"""ComfyUI glue for the trainer node: base-model folders, the run folder and its checks, the VAE decoder
+for validation samples, applying the trained LoRA to a MODEL."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
 """The trainer node: turns a latent cache into a LoRA in models/loras.
 
-Thin: the run itself is ``training.run.run_training``. The ComfyUI pieces it is wired to (model
-folders, progress and events, the VAE decoder, applying the LoRA) live in ``_train_glue``.
+Thin: the run itself is ``training.run.run_training``. The ComfyUI pieces it is wired to live beside it:
+model folders, run folder, VAE decoder and LoRA application in ``_train_glue``; progress, the websocket
+events the node's panel draws and the Cancel/failure message in ``_train_events``; the validation input
+group and the prompts' encoding in ``_train_validation``; a MODEL as the base in ``_model_base``.
 """
 
 from __future__ import annotations
