@@ -15,7 +15,6 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
-from ._progress import progress_callback
 from ._types import CATEGORY, Cache, Dataset
 
 if TYPE_CHECKING:
@@ -224,7 +223,7 @@ class SD35TunerCacheLatents(io.ComfyNode):
 
         folder = cache_dir(cache_name, location)
         latent, text = vae_encoder(vae, tile_above), clip_encoder(clip)
-        progress = progress_callback()
+        bar = comfy.utils.ProgressBar(1)
         try:
             report = build_cache(
                 dataset,
@@ -237,7 +236,7 @@ class SD35TunerCacheLatents(io.ComfyNode):
                 shuffle_variants=caption_variants,
                 keep_first=keep_first_parts,
                 render=render_item,
-                progress=progress,  # also where Cancel lands
+                progress=lambda done, total: bar.update_absolute(done, max(total, 1)),  # also where Cancel lands
             )
         finally:
             free_models(vae.patcher, clip.patcher)

@@ -16,7 +16,6 @@ from comfy_api.latest import io
 
 from ..dataset.captioner import DEFAULT_PROMPT, caption_images, find_captioner, list_captioners
 from ..dataset.options import POLICIES
-from ._progress import progress_callback
 from ._types import CATEGORY
 from ._types import Dataset as DatasetType
 from ._validation import Choice
@@ -132,7 +131,7 @@ class Caption(io.ComfyNode):
         todo = [i for i, item in enumerate(dataset.items) if policy != "fill_missing" or not item.caption.strip()]
         if captioner != KEEP and todo:
             folder = find_captioner(captioner, captioner_folders())
-            progress = progress_callback(len(todo))
+            bar = comfy.utils.ProgressBar(len(todo))
             texts = caption_images(
                 folder,
                 [dataset.items[i] for i in todo],
@@ -142,7 +141,7 @@ class Caption(io.ComfyNode):
                 max_new_tokens=max_new_tokens,
                 trust_remote_code=trust_remote_code,
                 device=comfy.model_management.get_torch_device(),
-                progress=progress,
+                progress=lambda done, total: bar.update_absolute(done, total),
             )
             comfy.model_management.soft_empty_cache()
             generated = [""] * len(dataset.items)
