@@ -12,6 +12,8 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ._progress import progress_callback
+
 PROGRESS_EVENT = "sd35tuner.train.progress"
 MODEL_FOLDERS = ("checkpoints", "diffusion_models")
 RUNS_FOLDER = "sd35_tuner_runs"  # under ComfyUI's output folder: one folder of checkpoints + samples per LoRA name
@@ -62,7 +64,7 @@ def progress_stream(total: int, node_id: str | None):
     """on_step for the trainer: progress bar every step (Cancel lands here), loss to the queuing client."""
     from server import PromptServer
 
-    bar = comfy.utils.ProgressBar(total, node_id=node_id)
+    progress = progress_callback(total, node_id)
     server = PromptServer.instance
     last_sent = 0.0
 
@@ -73,7 +75,7 @@ def progress_stream(total: int, node_id: str | None):
             last_sent = now
             data = {"node": node_id, "step": info.step, "total": info.total_steps, "loss": info.loss, "lr": info.lr}
             server.send_sync(PROGRESS_EVENT, data, server.client_id)
-        bar.update_absolute(info.step, total)
+        progress(info.step, total)
 
     return on_step
 

@@ -15,6 +15,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ._progress import progress_callback
 from ._types import CATEGORY, Cache, Dataset
 
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ class SD35TunerCacheLatents(io.ComfyNode):
 
         folder = cache_dir(cache_name, location)
         latent, text = vae_encoder(vae, tile_above), clip_encoder(clip)
-        bar = comfy.utils.ProgressBar(1)
+        progress = progress_callback()
         try:
             report = build_cache(
                 dataset,
@@ -236,7 +237,7 @@ class SD35TunerCacheLatents(io.ComfyNode):
                 shuffle_variants=caption_variants,
                 keep_first=keep_first_parts,
                 render=render_item,
-                progress=lambda done, total: bar.update_absolute(done, max(total, 1)),  # also where Cancel lands
+                progress=progress,  # also where Cancel lands
             )
         finally:
             free_models(vae.patcher, clip.patcher)

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import comfy.utils
 import folder_paths
 import numpy as np
 import torch
@@ -21,6 +19,7 @@ from comfy_api.latest import io, ui
 from ..dataset.buckets import SD35_BUCKETS_1024, format_buckets, parse_buckets, scale_buckets
 from ..dataset.options import CAPTION_EXTENSIONS, FORMATS, MODES, TOO_SMALL
 from ..training.fs import is_inside, resolve_inside
+from ._progress import progress_callback
 from ._types import CATEGORY
 from ._types import Dataset as DatasetType
 from ._validation import Choice
@@ -61,12 +60,6 @@ def folder_fingerprint(root: Path) -> str:
             st = path.stat()
             digest.update(f"{path.relative_to(root)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return digest.hexdigest()
-
-
-def progress_callback(total: int = 1) -> Callable[[int, int], None]:
-    """ComfyUI progress for a library loop; its hook is also where Cancel is raised."""
-    bar = comfy.utils.ProgressBar(max(1, total))
-    return lambda done, new_total: bar.update_absolute(done, max(1, new_total))
 
 
 def report(dataset: Dataset, headline: str) -> str:
