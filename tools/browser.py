@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .comfy_server import PACK_DIR_NAME, ComfyServer
+from .workflow_specs import CHECKPOINT_MODELS, CLIP_MODELS
 
 CHROMIUM_ARGS = [
     "--headless",
@@ -76,7 +77,15 @@ _USERDATA = r"/api/userdata\?dir=(workflows|subgraphs(%2F)?)&recurse=true&split=
 _HF_MODEL = (
     "https://huggingface.co/Comfy-Org/z_image_turbo/resolve/main/split_files/diffusion_models/z_image_turbo_bf16"
 )
-# Each one seen on a server started without this pack: 0.3.75 (frontend 1.32.9) and 0.33.0 (frontend 1.49.6).
+_INDEX = r"/assets/index-[\w-]+\.js"
+_MODEL_METADATA = r"/assets/missingModelMetadata-[\w-]+\.js"
+# the CSP's connect-src and the script that logs the blocked request: frontend 1.32, frontend 1.49
+_CSP_1_32_AND_1_49 = (
+    ("'self'", r"/assets/vendor-other-[\w-]+\.js"),
+    ("'self' data:", r"/assets/vendor-axios-[\w-]+\.js"),
+)
+# Each one seen on a server started without this pack: 0.3.75 (frontend 1.32.9) and 0.33.0 (frontend 1.49.6);
+# the size lookups of our templates' model files are the same requests core's templates make.
 EXPECTED_NOISE = (
     Noise(_404, r"/(api/userdata/)?user\.css", "optional user stylesheet, absent on a fresh install"),
     Noise(_404, _USERDATA + r"|/api/userdata/comfy\.templates\.json", "empty user folders on a fresh install"),
@@ -84,10 +93,11 @@ EXPECTED_NOISE = (
     *(
         Noise(
             f"Connecting to 'https://api.comfy.org/nodes?{ids}' violates the following Content Security Policy "
-            "directive: \"connect-src 'self'\". The action has been blocked.",
-            r"/assets/vendor-other-[\w-]+\.js",
-            "frontend 1.32 looks up the registry entries of the packs in the graph; ComfyUI's CSP header blocks it",
+            f'directive: "connect-src {sources}". The action has been blocked.',
+            script,
+            "the frontend looks up the registry entries of the packs in the graph; ComfyUI's CSP header blocks it",
         )
+        for sources, script in _CSP_1_32_AND_1_49
         for ids in (
             "node_id=comfy-core",
             f"node_id={PACK_DIR_NAME}",
@@ -106,17 +116,31 @@ EXPECTED_NOISE = (
         r"/assets/settingStore-[\w-]+\.js",
         "frontend 1.49 reads app.rootGraph from a settings watcher before the graph exists",
     ),
-    Noise(
-        f"Connecting to '{_HF_MODEL}.safetensors' violates the following Content Security Policy directive: "
-        "\"connect-src 'self' data:\". The action has been blocked.",
-        r"/assets/missingModelMetadata-[\w-]+\.js",
-        "frontend 1.49's default graph asks huggingface.co for its model's size; ComfyUI's CSP header blocks it",
+    *(
+        noise
+        for url in (f"{_HF_MODEL}.safetensors", *(m["url"] for m in CHECKPOINT_MODELS + CLIP_MODELS))
+        for sources, script in ((_CSP_1_32_AND_1_49[0][0], _INDEX), (_CSP_1_32_AND_1_49[1][0], _MODEL_METADATA))
+        for noise in (
+            Noise(
+                f"Connecting to '{url}' violates the following Content Security Policy directive: "
+                f'"connect-src {sources}". The action has been blocked.',
+                script,
+                "the missing-models list asks huggingface.co for each file's size (frontend 1.49 also for a "
+                "template's files it has); ComfyUI's CSP header blocks it",
+            ),
+            Noise(
+                f"Fetch API cannot load {url}. Refused to connect because it violates the document's "
+                "Content Security Policy.",
+                script,
+                "the same blocked request, as fetch reports it",
+            ),
+        )
     ),
     Noise(
-        f"Fetch API cannot load {_HF_MODEL}.safetensors. Refused to connect because it violates the document's "
-        "Content Security Policy.",
-        r"/assets/missingModelMetadata-[\w-]+\.js",
-        "the same blocked request, as fetch reports it",
+        "Error fetching file size: TypeError: Failed to fetch",
+        _INDEX,
+        "frontend 1.32's missing-models dialog logs the blocked size request",
+        frame=r"at fetchFileSize \(http://127\.0\.0\.1:\d+/assets/index-[\w-]+\.js:\d+:\d+\)",
     ),
 )
 

@@ -37,6 +37,10 @@ class ComfyError(RuntimeError):
     pass
 
 
+class PortTakenError(ComfyError):
+    """Another process took the free port between our check and ComfyUI's bind."""
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -96,7 +100,19 @@ class ComfyServer:
     def version(self) -> tuple[int, ...]:
         return paths.comfyui_version(self.comfyui)
 
-    def start(self, timeout: float = 180.0) -> ComfyServer:
+    def start(self, timeout: float = 180.0, attempts: int = 3) -> ComfyServer:
+        """Start and wait until this process serves its port; a port taken meanwhile (parallel test runs) is
+        retried on another free port."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout)
+            except PortTakenError:
+                if attempt == attempts - 1:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> ComfyServer:
         prepare_base_dir(self.base_dir, link_pack=self.link_pack)
         python = self.home / "venv" / "bin" / "python"
         cmd = [
@@ -119,19 +135,26 @@ class ComfyServer:
         stubs = self.home / "stubs"  # stand-ins for modules a newer ComfyUI imports that CPU torch lacks
         if stubs.is_dir():
             env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(stubs), env.get("PYTHONPATH"))))
+        start_of_log = len(self.log())
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
             cmd, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+        serving = f"127.0.0.1:{self.port}"  # "To see the GUI go to: http://127.0.0.1:<port>", once it listens
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ComfyError(f"ComfyUI exited with {self.proc.returncode} during start:\n{self.log()[-4000:]}")
-            try:
-                self.get("/object_info/CheckpointLoaderSimple", timeout=2)
-                return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                time.sleep(0.3)
+                said = self.log()[start_of_log:]
+                if "address already in use" in said:
+                    raise PortTakenError(f"port {self.port} was taken")
+                raise ComfyError(f"ComfyUI exited with {self.proc.returncode} during start:\n{said[-4000:]}")
+            if serving in self.log()[start_of_log:]:  # not another process that answers on this port
+                try:
+                    self.get("/object_info/CheckpointLoaderSimple", timeout=2)
+                    return self
+                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                    pass
+            time.sleep(0.3)
         self.stop()
         raise ComfyError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-4000:]}")
 

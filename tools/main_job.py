@@ -44,9 +44,15 @@ def _shrink_pipeline_for_cpu(prompt: dict[str, Any], server: ComfyServer) -> Non
     set_inputs(prompt, "SD35TunerLoadDataset", folder=folder.name)
     set_inputs(prompt, "SD35TunerSmartCrop", resolution=256)
     set_inputs(prompt, "SD35TunerCacheLatents", cache_name="sd35_cache/sample_photos")
-    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32", validation_every=0)
+    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32")
     set_inputs(
-        prompt, "SD35TunerTrainLora", steps=60, learning_rate=1e-3, quantization="none", lora_name="sd35_tuner_demo"
+        prompt,
+        "SD35TunerTrainLora",
+        steps=60,
+        learning_rate=1e-3,
+        quantization="none",
+        lora_name="sd35_tuner_demo",
+        validation_every=0,
     )
     set_inputs(prompt, "SD35TunerCompareCFGAPG", steps=8)
 

@@ -58,9 +58,9 @@ class TrainConfig:
     validation_every: int = 0  # 0: no validation samples
     validation_steps: int = 20
     validation_cfg: float = 4.0
-    apg_eta: float = 0.0
-    apg_norm_threshold: float = 5.0
-    apg_momentum: float = 0.0
+    apg_eta: float = 0.0  # validation samples' APG: the APG node's defaults (r scaled to the latent size)
+    apg_norm_threshold: float = 15.0
+    apg_momentum: float = -0.5
     save_dtype: str = "bf16"
 
     def __post_init__(self) -> None:

@@ -58,9 +58,4 @@ def output_path(folder: str | os.PathLike, name: str, field: str = "lora_name") 
             f"{field} {name!r} is not a plain file name; use something like 'my_style' or 'people/my_style' "
             "(no '..', no absolute path, no part starting with '.')"
         )
-    path = fs.resolve_inside(folder, f"{stem}.safetensors", field)
-    version = 2
-    while path.exists():
-        path = path.with_name(f"{Path(stem).name}_{version}.safetensors")
-        version += 1
-    return path
+    return fs.next_free(fs.resolve_inside(folder, f"{stem}.safetensors", field), ".safetensors")

@@ -289,6 +289,17 @@ def resolve_inside(base: StrPath, rel: Any, what: str = "path") -> Path:
     return resolved
 
 
+def next_free(path: StrPath, suffix: str = "") -> Path:
+    """``path`` if nothing is there, else the first free ``<name>_2<suffix>``, ``_3``... beside it: how a new
+    output (a LoRA file, a saved dataset folder) gets a version instead of replacing an older one."""
+    path = Path(path)
+    name, version = path.name.removesuffix(suffix), 2
+    while path.exists() or path.is_symlink():
+        path = path.with_name(f"{name}_{version}{suffix}")
+        version += 1
+    return path
+
+
 def is_inside(path: StrPath, bases: list[StrPath]) -> bool:
     """Whether ``path`` (symlinks resolved) lies inside, or is, one of ``bases`` (resolved)."""
     p = Path(path).resolve()

@@ -30,7 +30,7 @@ from .metadata import base_model_hashes, dataset_facts, sd3_variant
 from .model import add_lora, count_trainable, load_adapter_state, lora_target_modules
 from .run_folder import VALIDATION
 from .start_lora import StartLora
-from .validate import Decode, OnValidation, SampleSettings, Validation
+from .validate import Decode, OnImages, OnValidation, Prompts, SampleSettings, Validation
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +159,16 @@ def run_training(
     prior: TrainingSource | None = None,
     on_validation: OnValidation | None = None,
     start: StartLora | None = None,
+    prompts: Prompts | None = None,
+    on_images: OnImages | None = None,
 ) -> RunOutput:
     """Train a LoRA on ``source`` and write it to ``lora_path``; checkpoints and samples go to ``work_dir``.
 
     ``on_step(StepInfo)`` after every optimizer step and ``on_validation(step, done, total)`` during
     validation sampling may raise to cancel; the finished steps are then checkpointed for ``resume``.
     ``start`` continues an existing LoRA instead of a fresh one.
+    ``prompts`` (prompt, cond, pooled) replace the cache's validation prompts; ``on_images(step, decoded)``
+    gets every validation's decoded samples as they are made.
     """
     samples = resolve_inside(work_dir, VALIDATION, "validation folder")  # a planted link must not lead out
     trainer = Trainer(source, cfg, prior, accelerator)
@@ -178,7 +182,9 @@ def run_training(
     trainable = count_trainable(transformer)
     logger.info("training %d LoRA parameters on %d modules of %s", trainable, len(spec.targets), base_model)
     work_dir = Path(work_dir)
-    validation = Validation(transformer, source, sample_settings(cfg), samples, decode, on_validation)
+    validation = Validation(
+        transformer, source, sample_settings(cfg), samples, decode, on_validation, prompts, on_images
+    )
     result = trainer.fit(transformer, work_dir, on_step, resume, validation if cfg.validation_every else None)
     if trainer.main and validation.step != cfg.steps:  # the final samples, unless the loop just made them
         validation(cfg.steps)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import os
 import shutil
 import subprocess
@@ -48,12 +49,21 @@ def our_nodes(server: ComfyServer) -> set[str]:
     return {node for node in server.object_info() if node.startswith("SD35Tuner")}
 
 
-def assert_lists_every_node(server: ComfyServer, expected: set[str]) -> None:
+def has_manager_option(server: ComfyServer) -> bool:
+    """Whether this ComfyUI runs the pip ComfyUI-Manager itself (``--enable-manager``; 0.3.x had no such option)."""
+    return "--enable-manager" in (server.comfyui / "comfy" / "cli_args.py").read_text()
+
+
+def assert_lists_every_node(server: ComfyServer, expected: set[str]) -> dict | None:
+    """Start ``server``; its pack imports and it lists every node. Returns the Manager's installed list, if on."""
     with server:
         pack = str(server.base_dir / "custom_nodes" / PACK_DIR_NAME)
         failed = server.import_times().get(pack, (None, True))[1]
         assert not failed, f"ComfyUI did not import {pack}:\n{server.log()[-4000:]}"
         assert our_nodes(server) == expected
+        return (
+            server.get("/v2/customnode/installed?mode=imported") if "--enable-manager" in server.extra_args else None
+        )
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +114,12 @@ def test_comfyui_manager_installs_the_pack_from_its_git_url(comfy, tmp_path, git
     for line in (REPO / "requirements.txt").read_text().splitlines():
         if line.strip() and not line.startswith("#"):  # Manager's install step: pip, line by line
             assert f"'pip', 'install', '{line.strip()}'" in said.replace("\n", " "), said[-6000:]
-    assert_lists_every_node(server, expected_nodes)
+    if has_manager_option(server):  # as users run it: the Manager inside ComfyUI (offline it logs failed fetches)
+        server.extra_args = ("--enable-manager",)
+        installed = assert_lists_every_node(server, expected_nodes)
+        assert PACK_DIR_NAME in json.dumps(installed), installed
+    else:
+        assert_lists_every_node(server, expected_nodes)
 
 
 def test_registry_archive_leaves_out_development_files_and_installs(comfy, tmp_path, expected_nodes):

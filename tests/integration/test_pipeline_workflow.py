@@ -22,8 +22,10 @@ def test_folder_to_lora_to_cfg_vs_apg(comfy):
     set_inputs(prompt, "SD35TunerLoadDataset", folder=folder)
     set_inputs(prompt, "SD35TunerSmartCrop", resolution=256)
     set_inputs(prompt, "SD35TunerCacheLatents", cache_name=f"sd35_cache/{folder}")
-    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32", validation_every=0)
-    set_inputs(prompt, "SD35TunerTrainLora", steps=3, quantization="none", lora_name="pipeline_lora")
+    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32")
+    set_inputs(
+        prompt, "SD35TunerTrainLora", steps=3, quantization="none", lora_name="pipeline_lora", validation_every=0
+    )
     set_inputs(prompt, "SD35TunerCompareCFGAPG", steps=2)
     entry = comfy.run(prompt, timeout=900)
     train_id = next(k for k, v in prompt.items() if v["class_type"] == "SD35TunerTrainLora")

@@ -43,3 +43,22 @@ def test_every_node_of_the_pack_is_registered(comfy):
         "SD35TunerCompareCFGAPG",
     }
     assert {node_id for node_id in comfy.object_info() if node_id.startswith("SD35Tuner")} == expected
+
+
+def test_every_output_of_our_nodes_has_a_name_and_a_tooltip(comfy):
+    unnamed = []
+    for node_id, info in comfy.object_info().items():
+        if node_id.startswith("SD35Tuner"):
+            tooltips = info.get("output_tooltips") or [None] * len(info["output"])
+            for kind, name, tooltip in zip(info["output"], info["output_name"], tooltips, strict=True):
+                if not name or name == kind or not tooltip:
+                    unnamed.append(f"{node_id}.{name or kind}")
+    assert unnamed == []
+
+
+def test_our_display_names_reach_the_frontend_translations_without_the_pack_suffix(comfy):
+    node_defs = comfy.get("/i18n")["en"]["nodeDefs"]
+    ours = {k: v["display_name"] for k, v in comfy.object_info().items() if k.startswith("SD35Tuner")}
+    assert {k: node_defs[k]["display_name"] for k in ours} == ours  # locales/en/nodeDefs.json is up to date
+    assert not [name for name in ours.values() if "SD3.5 Tuner" in name]
+    assert ours["SD35TunerAPG"] != comfy.object_info()["APG"]["display_name"]  # not confused with core's APG
