@@ -147,7 +147,9 @@ def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, ba
     loras = comfy.base_dir / "models" / "loras"
     (loras / f"{name}.safetensors").write_bytes(b"an older LoRA with the same name")
     validation = {"validation_prompts": "a tabby cat\n\n  a red car ", "validation_every": 2, "clip": ["4", 0]}
-    prompt = _prompt(base_prompt, name, vae=["3", 0], model=["6", 0], class_cache=["5", 0], memory_preset="auto", **validation)
+    prompt = _prompt(
+        base_prompt, name, vae=["3", 0], model=["6", 0], class_cache=["5", 0], memory_preset="auto", **validation
+    )
     prompt["9"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     prompt["10"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a tabby cat", "clip": ["4", 0]}}
     prompt["11"] = {
