@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["ImageFigures", "as_rgb", "comparison_text", "image_figures", "label_band", "side_by_side"]
+__all__ = ["ImageFigures", "as_rgb", "comparison_text", "image_figures", "label_band", "labelled_grid", "side_by_side"]
 
 LUMA = (0.2126, 0.7152, 0.0722)
 
@@ -136,3 +136,31 @@ def side_by_side(left: Tensor, right: Tensor, left_label: str, right_label: str,
         out[:, :band_height, x : x + width] = band.to(out)
         out[:, band_height:, x : x + width] = half
     return out
+
+
+def labelled_grid(rows: dict[str, Tensor], columns: list[str], gap: int = 4) -> Tensor:
+    """One picture of several guidances over several prompts: a header band per column (its prompt), then per
+    row a band with the row's label (e.g. the guidance and its settings) over that row's images side by side.
+
+    ``rows``: label -> IMAGE batch [N, H, W, C] with one image per column; returns a one-image batch.
+    """
+    batches = [as_rgb(images) for images in rows.values()]
+    shapes = {tuple(b.shape) for b in batches}
+    if len(shapes) != 1 or batches[0].shape[0] != len(columns):
+        raise ValueError(f"every row needs {len(columns)} image(s) of one size, got shapes {sorted(shapes)}")
+    _, height, width, _ = batches[0].shape
+    font_size = max(10, width // 24)
+    full = len(columns) * width + (len(columns) - 1) * gap
+    header = [label_band(text, width, font_size).float().div(255.0) for text in columns]
+    header_height = max(h.shape[0] for h in header)
+    parts = [torch.full((header_height, full, 3), 24 / 255)]
+    for column, band in enumerate(header):
+        x = column * (width + gap)
+        parts[0][: band.shape[0], x : x + width] = band
+    for label, images in zip(rows, batches, strict=True):
+        parts.append(label_band(label, full, font_size).float().div(255.0))
+        line = torch.ones((height, full, 3))
+        for column, image in enumerate(images):
+            line[:, column * (width + gap) : column * (width + gap) + width] = image
+        parts.append(line)
+    return torch.cat(parts, dim=0)[None]

@@ -27,9 +27,12 @@ from tools.model_formats import FP8_MAX, is_quantisable, write_streamed
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."
 
-# SD3.5 Medium's block shape (hidden 1536, qk RMS-norm, dual attention) with 12 of its 24 blocks; Large in full.
+# SD3.5 Medium's block shape (hidden 1536, qk RMS-norm, dual attention) with 12 of its 24 blocks; Medium and
+# Large in full. ComfyUI's own loader only reads files whose depth equals hidden / 64 (medium_full, large):
+# use those with --from-model.
 SHAPES = {
     "medium": dict(num_layers=12, num_attention_heads=24, dual_attention_layers=tuple(range(12)), pos=384),
+    "medium_full": dict(num_layers=24, num_attention_heads=24, dual_attention_layers=tuple(range(13)), pos=384),
     "large": dict(num_layers=38, num_attention_heads=38, dual_attention_layers=(), pos=192),
 }
 
@@ -128,6 +131,61 @@ def child_load(path: str, mode: str) -> dict:
     return {"total_s": time.perf_counter() - start, "rss": peak_rss()}
 
 
+def child_model(path: str, mode: str) -> dict:
+    """Fresh process: ComfyUI loads the checkpoint (as CheckpointLoaderSimple does, under inference mode),
+    then the trainer builds its base from that MODEL's tensors, as the node does with a MODEL input."""
+    sys.path.insert(0, str(paths.COMFYUI))
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    import comfy.options
+
+    comfy.options.enable_args_parsing()
+    import comfy.cli_args  # noqa: F401
+
+    sys.argv = argv
+    import comfy.sd
+
+    from training.loading import InMemoryBase, load_base
+
+    start = time.perf_counter()
+    with torch.inference_mode():
+        model = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
+    comfy_s, dtype = time.perf_counter() - start, model.model.get_dtype()
+    state = dict(model.model.diffusion_model.state_dict())
+    if getattr(model.model.model_config, "scaled_fp8", None) is not None:
+        state["scaled_fp8"] = torch.empty(0, dtype=model.model.model_config.scaled_fp8)
+    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+    ours = load_base(InMemoryBase(state, "MODEL"), names.get(dtype, "bf16"), mode)
+    assert ours is not None
+    return {"total_s": time.perf_counter() - start, "comfy_s": comfy_s, "rss": peak_rss(), "dtype": str(dtype)}
+
+
+def child_step(path: str, mode: str, resolution: str) -> dict:
+    """Fresh process: load + one LoRA training step (rank 16, attention, gradient checkpointing, AdamW)
+    on CPU at ``resolution``; peak RSS next to the memory estimator's CPU prediction."""
+    from training.loading import load_base, read_config
+    from training.memory import estimate
+    from training.model import add_lora, lora_parameters, lora_target_modules
+
+    res = int(resolution)
+    model = load_base(path, "bf16", mode)
+    add_lora(model, 16, 16.0, lora_target_modules(model, "attention"))
+    model.enable_gradient_checkpointing()
+    model.train()
+    opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
+    g = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    pred = model(
+        hidden_states=torch.randn(1, 16, res // 8, res // 8, generator=g).bfloat16(),
+        encoder_hidden_states=torch.randn(1, 333, 4096, generator=g).bfloat16(),
+        pooled_projections=torch.randn(1, 2048, generator=g).bfloat16(),
+        timestep=torch.tensor([500.0]),
+    ).sample
+    pred.float().square().mean().backward()
+    opt.step()
+    est = estimate(read_config(path), res, rank=16, quantization=mode, base_dtype="bf16", device="cpu")
+    return {"step_s": time.perf_counter() - start, "rss": peak_rss(), "estimate": est.total, "parts": est.text()}
+
+
 def run_child(*args: str, repo: Path = REPO) -> dict:
     out = subprocess.run(
         [sys.executable, "-m", "bench.bench_scale", "--child", *args],
@@ -146,11 +204,14 @@ def main() -> None:
     parser.add_argument("--size", choices=sorted(SHAPES), default="medium")
     parser.add_argument("--modes", default="none,int8,int4")
     parser.add_argument("--compare", type=Path, help="an older checkout to measure side by side (e.g. main)")
+    parser.add_argument("--from-model", action="store_true", help="also: ComfyUI loads it, we train on its MODEL")
+    parser.add_argument("--step", type=int, nargs="*", help="also one CPU training step at these resolutions")
+    parser.add_argument("--step-mode", default="int8")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         kind, *rest = args.child
-        print(json.dumps({"load": child_load}[kind](*rest)))
+        print(json.dumps({"load": child_load, "model": child_model, "step": child_step}[kind](*rest)))
         return
     path = checkpoint(args.size)
     size = path.stat().st_size
@@ -167,6 +228,21 @@ def main() -> None:
                 f"peak RSS {r['rss'] / 2**30:5.2f} GiB = {ratios[mode]:.2f} x bf16",
                 flush=True,
             )
+    if args.from_model:
+        for mode in args.modes.split(","):
+            r = run_child("model", str(path), mode)
+            print(
+                f"MODEL {mode:5s} now    ComfyUI load + ours {r['total_s']:6.1f} s (ComfyUI {r['comfy_s']:.1f} s, "
+                f"{r['dtype']})  peak RSS {r['rss'] / 2**30:5.2f} GiB = {r['rss'] / size:.2f} x bf16",
+                flush=True,
+            )
+    for res in args.step or ():
+        r = run_child("step", str(path), args.step_mode, str(res))
+        print(
+            f"step  {args.step_mode:5s} {res} px  {r['step_s']:6.1f} s/step  peak RSS {r['rss'] / 2**30:5.2f} GiB, "
+            f"estimated {r['estimate'] / 2**30:5.2f} GiB ({r['rss'] / r['estimate']:.2f}x): {r['parts']}",
+            flush=True,
+        )
     if "int8" in ratios:
         print(f"int8 peak RSS / bf16 size = {ratios['int8']:.2f} (target <= 0.65)")
 

@@ -70,6 +70,7 @@ def ours(info: dict, steps: int) -> dict:
             rank=8,
             alpha=8.0,
             preset="all_linear",
+            quantization="none",
             settings=["6", 0],
         ),
     }

@@ -11,7 +11,8 @@ from comfy_api.latest import ComfyExtension, io
 from .apg import SD35TunerAPG, SD35TunerAPGGuider, SD35TunerCompareCFGAPG
 from .cache import SD35TunerCacheLatents
 from .caption import Caption
-from .dataset import ImagesToDataset, LoadDataset, PreviewDataset, SaveDataset, SmartCrop
+from .dataset import ImagesToDataset, LoadDataset, PreviewDataset, SmartCrop
+from .dataset_save import SaveDataset
 from .train_lora import SD35TunerTrainLora
 from .train_settings import SD35TunerTrainSettings
 

@@ -1,9 +1,8 @@
-"""ComfyUI glue for the trainer node: base-model folders, the progress stream (also where Cancel is
-noticed), the VAE decoder for validation samples, applying the trained LoRA to a MODEL."""
+"""ComfyUI glue for the trainer node: base-model folders, the run folder and its checks, the VAE decoder
+for validation samples, applying the trained LoRA to a MODEL."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import comfy.latent_formats
@@ -12,7 +11,6 @@ import comfy.utils
 import folder_paths
 import torch
 
-PROGRESS_EVENT = "sd35tuner.train.progress"
 MODEL_FOLDERS = ("checkpoints", "diffusion_models")
 RUNS_FOLDER = "sd35_tuner_runs"  # under ComfyUI's output folder: one folder of checkpoints + samples per LoRA name
 
@@ -58,26 +56,6 @@ def run_problems(lora_name: str, resume: bool) -> dict[str, str]:
     return {}
 
 
-def progress_stream(total: int, node_id: str | None):
-    """on_step for the trainer: progress bar every step (Cancel lands here), loss to the queuing client."""
-    from server import PromptServer
-
-    bar = comfy.utils.ProgressBar(total, node_id=node_id)
-    server = PromptServer.instance
-    last_sent = 0.0
-
-    def on_step(info) -> None:
-        nonlocal last_sent
-        now = time.monotonic()
-        if now - last_sent >= 0.2 or info.step == info.total_steps:
-            last_sent = now
-            data = {"node": node_id, "step": info.step, "total": info.total_steps, "loss": info.loss, "lr": info.lr}
-            server.send_sync(PROGRESS_EVENT, data, server.client_id)
-        bar.update_absolute(info.step, total)
-
-    return on_step
-
-
 def vae_decoder(vae):
     if vae is None:
         return None
@@ -94,10 +72,3 @@ def apply_lora(model, lora_path: Path):
 
     patched, _ = comfy.sd.load_lora_for_models(model, None, load_file(str(lora_path)), 1.0, 0.0)
     return patched
-
-
-def validation_grid(decoded: dict[str, torch.Tensor]) -> torch.Tensor:
-    """CFG samples in the top row, APG below; a blank 64 px image when there are none."""
-    if not decoded:
-        return torch.zeros(1, 64, 64, 3)
-    return torch.cat([torch.cat(list(decoded[g]), dim=1) for g in ("cfg", "apg")], dim=0)[None]

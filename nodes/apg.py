@@ -11,7 +11,7 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ..apg.schedule import REFERENCE_ELEMENTS, THRESHOLD_MODES, WINDOW_UNITS, GuidanceWindow
-from ..apg.settings import MOMENTUM_LIMIT
+from ..apg.settings import MOMENTUM_LIMIT, MOMENTUM_REASON
 from ._apg_compare import UI_KEY, sweep_inputs  # noqa: F401  (UI_KEY: the viewer's key)
 from ._types import CATEGORY
 from ._validation import Choice, range_problems, verdict
@@ -57,7 +57,8 @@ def apg_inputs() -> list[io.Input]:
             max=MOMENTUM_LIMIT,
             step=0.01,
             tooltip="beta in m <- delta + beta*m across steps; negative is the paper's reverse momentum. "
-            "Default -0.5 (the paper's SDXL value). 0 disables momentum. Resets at the start of every run.",
+            "Default -0.5 (the paper's SDXL value). 0 disables momentum. Resets at the start of every run. "
+            + MOMENTUM_REASON,
         ),
         io.Float.Input(
             "window_start",
@@ -108,24 +109,16 @@ def settings_from(
     )
 
 
-def check_apg(
-    node: type[io.ComfyNode],
-    eta: float | None,
-    norm_threshold: float | None,
-    momentum: float | None,
-    window_start: float | None,
-    window_end: float | None,
-) -> bool | str:
-    """validate_inputs of every APG node: the widgets' ranges, then the library's checks (window order...)."""
-    from ..apg.patch import APGSettings
+def check_apg(node: type[io.ComfyNode], window_start: float | None, window_end: float | None, **values) -> bool | str:
+    """validate_inputs of every APG node: the widgets' ranges, then the library's one check of the APG settings
+    (``apg.settings``: finite values, bounded momentum, guidance scale) and of the window's order."""
+    from ..apg.settings import check_apg as apg_problems
+    from ..apg.settings import check_scale
 
-    values = {"eta": eta, "norm_threshold": norm_threshold, "momentum": momentum}
     problems = range_problems(node, **values, window_start=window_start, window_end=window_end)
-    for name, value in values.items():
-        try:
-            _ = name in problems or value is None or APGSettings(**{name: value})
-        except ValueError as err:
-            problems[name] = str(err)
+    scale = values.pop("cfg", None)
+    found = {**apg_problems(**values), **({"cfg": check_scale(scale)} if scale is not None else {})}
+    problems |= {name: text for name, text in found.items() if text and name not in problems}
     try:
         _ = problems or None in (window_start, window_end) or GuidanceWindow(window_start, window_end)
     except ValueError as err:
@@ -152,15 +145,20 @@ class SD35TunerAPG(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerAPG",
-            display_name="Adaptive Projected Guidance (SD3.5 Tuner)",
+            display_name="Adaptive Projected Guidance (paper)",
             category=CATEGORY_APG,
             description="Patches a MODEL so every sampler (KSampler, KSamplerAdvanced, SamplerCustom) guides with "
             f"APG ({PAPER}) on the denoised predictions, using the sampler's own cfg as the scale w: "
             "D = D_cond + (w-1)(delta_orth + eta*delta_par). Reduces the oversaturation of high cfg. "
-            "cfg = 1 is unguided (no-op); cfg < 1 samples with plain CFG.",
+            "cfg = 1 is unguided (no-op); cfg < 1 samples with plain CFG. Unlike core's Adaptive Projected Guidance "
+            "it uses the paper's w - 1 convention (core's cfg w acts like ours at w + 1), works on the denoised "
+            "(x0) predictions as the paper does, and resets its momentum at the start of every sampling run.",
             inputs=[io.Model.Input("model", tooltip="The model to sample with APG.")] + apg_inputs(),
             outputs=[
-                io.Model.Output(tooltip="A clone of the model with APG installed; the input model is untouched.")
+                io.Model.Output(
+                    display_name="model",
+                    tooltip="A clone of the model with APG installed; the input model is untouched.",
+                )
             ],
         )
 
@@ -168,7 +166,7 @@ class SD35TunerAPG(io.ComfyNode):
     def validate_inputs(
         cls, eta: float, norm_threshold: float, momentum: float, window_start: float, window_end: float
     ) -> bool | str:
-        return check_apg(cls, eta, norm_threshold, momentum, window_start, window_end)
+        return check_apg(cls, window_start, window_end, eta=eta, norm_threshold=norm_threshold, momentum=momentum)
 
     @classmethod
     def execute(cls, model, **kwargs) -> io.NodeOutput:
@@ -180,7 +178,7 @@ class SD35TunerAPGGuider(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerAPGGuider",
-            display_name="APG Guider (SD3.5 Tuner)",
+            display_name="APG Guider",
             category=CATEGORY_APG,
             description=f"A GUIDER for SamplerCustomAdvanced that guides with APG ({PAPER}) at scale cfg.",
             inputs=[
@@ -198,14 +196,20 @@ class SD35TunerAPGGuider(io.ComfyNode):
                 ),
             ]
             + apg_inputs(),
-            outputs=[io.Guider.Output()],
+            outputs=[
+                io.Guider.Output(
+                    display_name="guider",
+                    tooltip="A GUIDER for SamplerCustomAdvanced that samples with APG at scale cfg.",
+                )
+            ],
         )
 
     @classmethod
     def validate_inputs(
-        cls, eta: float, norm_threshold: float, momentum: float, window_start: float, window_end: float
+        cls, cfg: float, eta: float, norm_threshold: float, momentum: float, window_start: float, window_end: float
     ) -> bool | str:
-        return check_apg(cls, eta, norm_threshold, momentum, window_start, window_end)
+        apg = {"eta": eta, "norm_threshold": norm_threshold, "momentum": momentum}
+        return check_apg(cls, window_start, window_end, cfg=cfg, **apg)
 
     @classmethod
     def execute(cls, model, positive, negative, cfg: float, **kwargs) -> io.NodeOutput:
@@ -220,7 +224,7 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerCompareCFGAPG",
-            display_name="Compare CFG vs APG (SD3.5 Tuner)",
+            display_name="Compare CFG vs APG",
             category=CATEGORY_APG,
             description="Samples the same model, conditioning, seed, steps and sampler twice, with plain CFG and "
             "with APG at the same cfg, decodes both and shows them side by side with their settings, plus "
@@ -274,10 +278,18 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
             + apg_inputs()
             + sweep_inputs(),
             outputs=[
-                io.Image.Output("comparison", tooltip="CFG (left) and APG (right) with their settings as captions."),
-                io.String.Output("figures", tooltip="Mean saturation and brightness per image and APG/CFG ratios."),
-                io.Image.Output("cfg_image"),
-                io.Image.Output("apg_image"),
+                io.Image.Output(
+                    "comparison",
+                    display_name="comparison",
+                    tooltip="CFG (left) and APG (right) with their settings as captions.",
+                ),
+                io.String.Output(
+                    "figures",
+                    display_name="figures",
+                    tooltip="Mean saturation and brightness per image and APG/CFG ratios.",
+                ),
+                io.Image.Output("cfg_image", display_name="cfg_image", tooltip="The CFG sample alone."),
+                io.Image.Output("apg_image", display_name="apg_image", tooltip="The APG sample alone."),
             ],
             is_output_node=True,
         )
@@ -285,6 +297,7 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
     @classmethod
     def validate_inputs(
         cls,
+        cfg: float,
         eta: float,
         norm_threshold: float,
         momentum: float,
@@ -292,7 +305,8 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
         window_end: float,
         sweep_scales: str | None = None,
     ) -> bool | str:
-        found = check_apg(cls, eta, norm_threshold, momentum, window_start, window_end)
+        apg = {"eta": eta, "norm_threshold": norm_threshold, "momentum": momentum}
+        found = check_apg(cls, window_start, window_end, cfg=cfg, **apg)
         problems = [] if found is True else [found]
         if sweep_scales and sweep_scales.strip():  # empty: the single pair
             from ..apg.sweep import parse_scales

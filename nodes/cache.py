@@ -15,6 +15,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io, ui
 
+from ._progress import progress_callback
 from ._types import CATEGORY, Cache, Dataset
 
 if TYPE_CHECKING:
@@ -90,13 +91,14 @@ def clip_encoder(clip) -> TextEncoder:
 
 
 def free_models(*patchers) -> None:
-    """Unload these models (and their clones) through ComfyUI's model management."""
+    """Unload these models (and their clones) through ComfyUI's public model-management calls."""
     mm = comfy.model_management
-    for i in range(len(mm.current_loaded_models) - 1, -1, -1):
-        loaded = mm.current_loaded_models[i]
-        model = loaded.model
-        if model is not None and any(model is p or model.is_clone(p) for p in patchers) and loaded.model_unload():
-            mm.current_loaded_models.pop(i)
+    unload = getattr(mm, "unload_model_and_clones", None)  # newer ComfyUI; 0.3.x can only unload everything
+    if unload is None:
+        mm.unload_all_models()
+    else:
+        for patcher in patchers:
+            unload(patcher)
     mm.soft_empty_cache()
 
 
@@ -105,7 +107,7 @@ class SD35TunerCacheLatents(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerCacheLatents",
-            display_name="Cache Latents + Text Embeddings (SD3.5 Tuner)",
+            display_name="Cache Latents + Text Embeddings",
             category=f"{CATEGORY}/training",
             is_output_node=True,  # caching is worth running on its own, before any trainer is wired
             description="Encodes every dataset image with the VAE and every caption with the CLIP once, into "
@@ -129,13 +131,6 @@ class SD35TunerCacheLatents(io.ComfyNode):
                     default="output",
                     tooltip="Where the cache folder lives. Default 'output' (kept); 'temp' is wiped when ComfyUI "
                     "restarts.",
-                ),
-                io.String.Input(
-                    "validation_prompts",
-                    multiline=True,
-                    default="",
-                    tooltip="One prompt per line, encoded now for the trainer's validation samples. Default empty "
-                    "(no validation prompts).",
                 ),
                 io.Boolean.Input(
                     "random_flip",
@@ -178,8 +173,14 @@ class SD35TunerCacheLatents(io.ComfyNode):
                 ),
             ],
             outputs=[
-                Cache.Output(display_name="cache", tooltip="The cache, for the trainer."),
-                io.String.Output(display_name="summary", tooltip="Items, buckets, bytes, reused vs encoded."),
+                Cache.Output(
+                    display_name="cache", tooltip="The cache, for the trainer's cache (or class_cache) input."
+                ),
+                io.String.Output(
+                    display_name="summary",
+                    tooltip="Items, buckets, what was encoded vs reused, truncated captions, repairs (also shown in "
+                    "this node).",
+                ),
             ],
         )
 
@@ -210,7 +211,6 @@ class SD35TunerCacheLatents(io.ComfyNode):
         clip,
         cache_name,
         location,
-        validation_prompts,
         random_flip,
         caption_variants,
         keep_first_parts,
@@ -222,7 +222,7 @@ class SD35TunerCacheLatents(io.ComfyNode):
 
         folder = cache_dir(cache_name, location)
         latent, text = vae_encoder(vae, tile_above), clip_encoder(clip)
-        bar = comfy.utils.ProgressBar(1)
+        progress = progress_callback()
         try:
             report = build_cache(
                 dataset,
@@ -231,11 +231,10 @@ class SD35TunerCacheLatents(io.ComfyNode):
                 text,
                 flip=random_flip,
                 batch_size=batch_size,
-                validation_prompts=validation_prompts.splitlines(),
                 shuffle_variants=caption_variants,
                 keep_first=keep_first_parts,
                 render=render_item,
-                progress=lambda done, total: bar.update_absolute(done, max(total, 1)),  # also where Cancel lands
+                progress=progress,  # also where Cancel lands
             )
         finally:
             free_models(vae.patcher, clip.patcher)

@@ -16,6 +16,7 @@ from comfy_api.latest import io
 
 from ..dataset.captioner import DEFAULT_PROMPT, caption_images, find_captioner, list_captioners
 from ..dataset.options import POLICIES
+from ._progress import progress_callback
 from ._types import CATEGORY
 from ._types import Dataset as DatasetType
 from ._validation import Choice
@@ -38,7 +39,7 @@ class Caption(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerCaption",
-            display_name="Caption Dataset (SD3.5 Tuner)",
+            display_name="Caption Dataset",
             category=f"{CATEGORY}/dataset",
             description="Fills or edits captions. Optionally generates them with a local vision-language model from "
             "models/captioners/ (BLIP, LLaVA/JoyCaption, Qwen2.5-VL, Florence-2 in transformers format), captioning "
@@ -93,7 +94,7 @@ class Caption(io.ComfyNode):
                     "folder whose .py files you trust.",
                 ),
             ],
-            outputs=[DatasetType.Output(display_name="dataset")],
+            outputs=[DatasetType.Output(display_name="dataset", tooltip="The dataset with its new captions.")],
         )
 
     @classmethod
@@ -131,7 +132,7 @@ class Caption(io.ComfyNode):
         todo = [i for i, item in enumerate(dataset.items) if policy != "fill_missing" or not item.caption.strip()]
         if captioner != KEEP and todo:
             folder = find_captioner(captioner, captioner_folders())
-            bar = comfy.utils.ProgressBar(len(todo))
+            progress = progress_callback(len(todo))
             texts = caption_images(
                 folder,
                 [dataset.items[i] for i in todo],
@@ -141,7 +142,7 @@ class Caption(io.ComfyNode):
                 max_new_tokens=max_new_tokens,
                 trust_remote_code=trust_remote_code,
                 device=comfy.model_management.get_torch_device(),
-                progress=lambda done, total: bar.update_absolute(done, total),
+                progress=progress,
             )
             comfy.model_management.soft_empty_cache()
             generated = [""] * len(dataset.items)

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import comfy.utils
 import folder_paths
 import numpy as np
 import torch
 from comfy_api.latest import io, ui
 
 from ..dataset.buckets import SD35_BUCKETS_1024, format_buckets, parse_buckets, scale_buckets
-from ..dataset.options import CAPTION_EXTENSIONS, FORMATS, MODES, TOO_SMALL
+from ..dataset.options import CAPTION_EXTENSIONS, MODES, TOO_SMALL
 from ..training.fs import is_inside, resolve_inside
+from ._progress import progress_callback
 from ._types import CATEGORY
 from ._types import Dataset as DatasetType
 from ._validation import Choice
@@ -63,12 +62,6 @@ def folder_fingerprint(root: Path) -> str:
     return digest.hexdigest()
 
 
-def progress_callback(total: int = 1) -> Callable[[int, int], None]:
-    """ComfyUI progress for a library loop; its hook is also where Cancel is raised."""
-    bar = comfy.utils.ProgressBar(max(1, total))
-    return lambda done, new_total: bar.update_absolute(done, max(1, new_total))
-
-
 def report(dataset: Dataset, headline: str) -> str:
     return "\n".join([headline, *dataset.notes])
 
@@ -78,7 +71,7 @@ class LoadDataset(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerLoadDataset",
-            display_name="Load Dataset Folder (SD3.5 Tuner)",
+            display_name="Load Dataset Folder",
             category=CATEGORY_DATASET,
             description="Reads a folder of images (png, jpg, webp, bmp, tiff) and their .txt/.caption captions into "
             "a dataset manifest (paths and captions, no pixels). kohya 'N_name' subfolders set repeats. Unreadable "
@@ -122,7 +115,9 @@ class LoadDataset(io.ComfyNode):
                 ),
             ],
             outputs=[
-                DatasetType.Output(display_name="dataset"),
+                DatasetType.Output(
+                    display_name="dataset", tooltip="The images and their captions (paths, no pixels)."
+                ),
                 io.Int.Output(display_name="count", tooltip="Number of images loaded."),
                 io.String.Output(display_name="report", tooltip="What was loaded and what was skipped, and why."),
             ],
@@ -173,7 +168,7 @@ class SmartCrop(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerSmartCrop",
-            display_name="Smart Crop to Buckets (SD3.5 Tuner)",
+            display_name="Smart Crop to Buckets",
             category=CATEGORY_DATASET,
             description="Gives every image the aspect bucket closest to its shape and the largest crop of exactly "
             "that aspect, placed on the faces (OpenCV Haar detector, with headroom) or else on the most salient "
@@ -230,7 +225,9 @@ class SmartCrop(io.ComfyNode):
                 ),
             ],
             outputs=[
-                DatasetType.Output(display_name="dataset"),
+                DatasetType.Output(
+                    display_name="dataset", tooltip="The dataset with a bucket and crop box per image."
+                ),
                 io.String.Output(display_name="report", tooltip="Counts per crop reason, skipped images, warnings."),
             ],
         )
@@ -279,7 +276,7 @@ class PreviewDataset(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerPreviewDataset",
-            display_name="Preview Dataset (SD3.5 Tuner)",
+            display_name="Preview Dataset",
             category=CATEGORY_DATASET,
             description="Shows a page of the dataset as an IMAGE batch: each source image with its crop box "
             "(green face, orange saliency, blue centre), bucket, repeats and caption, to check before training.",
@@ -292,7 +289,7 @@ class PreviewDataset(io.ComfyNode):
                     "tile", default=512, min=128, max=2048, step=64, tooltip="Tile width in px (default 512)."
                 ),
             ],
-            outputs=[io.Image.Output(display_name="preview")],
+            outputs=[io.Image.Output(display_name="preview", tooltip="The page of tiles as an IMAGE batch.")],
         )
 
     @classmethod
@@ -309,7 +306,7 @@ class ImagesToDataset(io.ComfyNode):
     def define_schema(cls) -> io.Schema:
         return io.Schema(
             node_id="SD35TunerImagesToDataset",
-            display_name="Images to Dataset (SD3.5 Tuner)",
+            display_name="Images to Dataset",
             category=CATEGORY_DATASET,
             description="Turns any IMAGE batch (from any node pack) plus captions into a dataset. The images are "
             "stored as PNGs in ComfyUI's temp folder, named by content.",
@@ -323,7 +320,9 @@ class ImagesToDataset(io.ComfyNode):
                     "Empty (default): no captions.",
                 ),
             ],
-            outputs=[DatasetType.Output(display_name="dataset")],
+            outputs=[
+                DatasetType.Output(display_name="dataset", tooltip="The images as a dataset, with the captions.")
+            ],
         )
 
     @classmethod
@@ -333,61 +332,3 @@ class ImagesToDataset(io.ComfyNode):
         from ..dataset.preview import images_to_dataset, split_captions
 
         return io.NodeOutput(images_to_dataset(arrays, split_captions(captions, len(arrays)), folder))
-
-
-class SaveDataset(io.ComfyNode):
-    @classmethod
-    def define_schema(cls) -> io.Schema:
-        return io.Schema(
-            node_id="SD35TunerSaveDataset",
-            display_name="Save Dataset (SD3.5 Tuner)",
-            category=CATEGORY_DATASET,
-            description="Writes the cropped, bucket-sized images with .txt captions and a dataset.jsonl manifest to a "
-            "folder under ComfyUI's output folder (the kohya / SimpleTuner layout). All files appear at once or "
-            "not at all; existing files are kept unless overwrite is on.",
-            is_output_node=True,
-            inputs=[
-                DatasetType.Input("dataset"),
-                io.String.Input(
-                    "folder",
-                    default="sd35_tuner_dataset",
-                    tooltip="Target folder relative to ComfyUI's output folder (default 'sd35_tuner_dataset'); "
-                    "'..' and absolute paths are refused.",
-                ),
-                Choice(
-                    "image_format",
-                    options=list(FORMATS),
-                    default="png",
-                    tooltip="png (default, lossless), jpg or webp (quality 95).",
-                ),
-                io.Boolean.Input(
-                    "overwrite",
-                    default=False,
-                    tooltip="Replace files of the same name. Default off: the run stops before writing anything.",
-                ),
-            ],
-            outputs=[
-                DatasetType.Output(display_name="dataset", tooltip="The saved dataset (its files, not the sources)."),
-                io.String.Output(display_name="path", tooltip="The folder written."),
-            ],
-        )
-
-    @classmethod
-    def validate_inputs(cls, folder: str | None) -> bool | str:
-        if folder is None:  # linked from another node: checked when it runs
-            return True
-        try:
-            resolve_inside(folder_paths.get_output_directory(), folder, "folder")
-        except ValueError as err:
-            return str(err)
-        return True
-
-    @classmethod
-    def execute(cls, dataset: Dataset, folder: str, image_format: str, overwrite: bool) -> io.NodeOutput:
-        from ..dataset.save import save_dataset
-
-        target = resolve_inside(folder_paths.get_output_directory(), folder, "folder")
-        saved = save_dataset(
-            dataset, target, image_format=image_format, overwrite=overwrite, progress=progress_callback(len(dataset))
-        )
-        return io.NodeOutput(saved, str(target), ui={"text": [f"{len(saved)} image(s) saved to {target}"]})

@@ -1,7 +1,9 @@
 """The trainer node: turns a latent cache into a LoRA in models/loras.
 
-Thin: the run itself is ``training.run.run_training``. The ComfyUI pieces it is wired to (model
-folders, progress and events, the VAE decoder, applying the LoRA) live in ``_train_glue``.
+Thin: the run itself is ``training.run.run_training``. The ComfyUI pieces it is wired to live beside it:
+model folders, run folder, VAE decoder and LoRA application in ``_train_glue``; progress, the websocket
+events the node's panel draws and the Cancel/failure message in ``_train_events``; the validation input
+group and the prompts' encoding in ``_train_validation``; a MODEL as the base in ``_model_base``.
 """
 
 from __future__ import annotations
@@ -16,18 +18,20 @@ import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
+from ._lora_io import NO_LORA, existing_lora_options, start_lora, trained_adapter
+from ._model_base import FROM_MODEL, graph_base, model_dtype
+from ._train_events import RunReporter
 from ._train_glue import (
     RUNS_FOLDER,
     apply_lora,
     base_model_options,
     base_model_path,
-    progress_stream,
     run_dir,
     run_problems,
     vae_decoder,
-    validation_grid,
 )
-from ._types import CATEGORY, Cache, TrainSettings
+from ._train_validation import encode_prompts, guidance_problems, row_labels, split_prompts, validation_inputs
+from ._types import CATEGORY, Cache, LoraModel, TrainSettings
 from ._validation import Choice, verdict
 from .train_settings import AUTO_DTYPE, settings_defaults
 
@@ -43,11 +47,11 @@ PRESET_HELP = (
 class SD35TunerTrainLora(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
-        from ..training.options import PRESET_NAMES, QUANTIZATION
+        from ..training.options import MEMORY_PRESETS, PRESET_NAMES, QUANTIZATION
 
         return io.Schema(
             node_id="SD35TunerTrainLora",
-            display_name="Train SD3.5 LoRA (SD3.5 Tuner)",
+            display_name="Train SD3.5 LoRA",
             category=f"{CATEGORY}/training",
             description="Trains a LoRA for an SD3 / SD3.5 checkpoint on a latent cache (flow matching, as SD3 was "
             "trained) and saves it in models/loras, where LoraLoader lists it. The loss streams into this node while "
@@ -59,8 +63,10 @@ class SD35TunerTrainLora(io.ComfyNode):
                 Cache.Input("cache", tooltip="The latent + text-embedding cache (Cache Latents node)."),
                 Choice(
                     "base_model",
-                    options=base_model_options(),
-                    tooltip="The SD3 / SD3.5 checkpoint to train on, from checkpoints/ or diffusion_models/.",
+                    options=[*base_model_options(), FROM_MODEL],
+                    tooltip="The SD3 / SD3.5 checkpoint to train on, from checkpoints/ or diffusion_models/. With a MODEL "
+                    "connected to 'model' the trainer trains on that MODEL's weights instead (nothing is loaded twice); "
+                    f"pick '{FROM_MODEL}' then.",
                 ),
                 io.String.Input(
                     "lora_name",
@@ -139,6 +145,7 @@ class SD35TunerTrainLora(io.ComfyNode):
                     tooltip=f"Continue from the newest checkpoint in output/{RUNS_FOLDER}/<lora_name>/ (written "
                     "every checkpoint_every steps, at the end and on Cancel). Default off: a fresh run.",
                 ),
+                *validation_inputs(),
                 TrainSettings.Input("settings", optional=True, tooltip="Advanced settings (Training Settings node)."),
                 Cache.Input(
                     "class_cache",
@@ -146,11 +153,45 @@ class SD35TunerTrainLora(io.ComfyNode):
                     tooltip="A cache of class images (e.g. other people for a person LoRA) trained alongside, "
                     "weighted by prior_loss_weight, so the class keeps its look (DreamBooth). Optional.",
                 ),
+                io.Clip.Input(
+                    "clip",
+                    optional=True,
+                    tooltip="The CLIP the cache was built with, to encode the validation prompts. Optional.",
+                ),
                 io.Vae.Input("vae", optional=True, tooltip="The SD3 VAE, to decode validation images. Optional."),
                 io.Model.Input(
                     "model",
                     optional=True,
-                    tooltip="A MODEL to return with the trained LoRA applied, ready for a sampler. Optional.",
+                    tooltip="The base to train on, shared with the graph (e.g. CheckpointLoaderSimple's or UNETLoader's "
+                    "MODEL, fp8-scaled files included): nothing is loaded twice. Returned with the trained LoRA applied "
+                    "on the 'model' output. Optional: without it 'base_model' is read from its file.",
+                ),
+                Choice(
+                    "existing_lora",
+                    options=existing_lora_options(),
+                    default=NO_LORA,
+                    optional=True,
+                    tooltip="A LoRA in models/loras to continue training (as core's trainer's existing_lora): its "
+                    "targets, rank and weights replace the preset's, 'rank' and a fresh start. Diffusers-layout SD3 "
+                    f"LoRAs (this node's, diffusers', SimpleTuner's). Default {NO_LORA}: a new LoRA.",
+                ),
+                LoraModel.Input(
+                    "lora",
+                    optional=True,
+                    tooltip="A LORA_MODEL to continue training instead of a file (e.g. this node's 'lora' output "
+                    "from an earlier run). Optional; not together with existing_lora.",
+                ),
+                Choice(
+                    "memory_preset",
+                    options=list(MEMORY_PRESETS),
+                    default="manual",
+                    optional=True,
+                    tooltip="'auto': detect the GPU's memory and pick quantization, block offload, rank, batch and "
+                    "gradient checkpointing that fit it at the cache's resolution (e.g. SD3.5 Large at 1024 px: "
+                    "48 GB bf16 rank 64; 24 GB int8 rank 64; 16 GB int4 rank 32; 12 GB int4 rank 16; 8 GB int8 "
+                    "with block offload), overriding those inputs; what it chose and why is logged and shown "
+                    "here after the run. Default 'manual': the inputs as set (a run that cannot fit is stopped "
+                    "before loading, saying what to change).",
                 ),
             ],
             outputs=[
@@ -162,14 +203,29 @@ class SD35TunerTrainLora(io.ComfyNode):
                 io.String.Output(display_name="losses", tooltip="Loss per step as a JSON list."),
                 io.Image.Output(
                     display_name="validation",
-                    tooltip="Validation samples: CFG row over APG row (a blank image without VAE or prompts).",
+                    tooltip="The last validation grid: a CFG row and an APG row, one column per prompt, labelled "
+                    "(a blank image without prompts).",
+                ),
+                LoraModel.Output(
+                    display_name="lora",
+                    tooltip="The trained adapter as ComfyUI's LORA_MODEL: core's Load LoRA Model applies it as "
+                    "LoraLoader applies the file; core's Save LoRA writes it.",
                 ),
             ],
         )
 
     @classmethod
-    def validate_inputs(cls, lora_name: str, resume: bool) -> bool | str:
-        return verdict(run_problems(lora_name, resume))
+    def validate_inputs(
+        cls,
+        lora_name: str,
+        resume: bool,
+        validation_cfg: float,
+        apg_eta: float,
+        apg_norm_threshold: float,
+        apg_momentum: float,
+    ) -> bool | str:
+        apg = {"apg_eta": apg_eta, "apg_norm_threshold": apg_norm_threshold, "apg_momentum": apg_momentum}
+        return verdict({**run_problems(lora_name, resume), **guidance_problems(cls, validation_cfg, **apg)})
 
     @classmethod
     def execute(
@@ -177,56 +233,49 @@ class SD35TunerTrainLora(io.ComfyNode):
         cache,
         base_model: str,
         lora_name: str,
-        steps: int,
         epochs: int,
-        batch_size: int,
-        learning_rate: float,
-        rank: int,
-        alpha: float,
-        preset: str,
-        quantization: str,
-        seed: int,
         resume: bool,
+        validation_prompts: str,
         settings: dict | None = None,
         class_cache=None,
+        clip=None,
         vae=None,
         model=None,
+        existing_lora: str = NO_LORA,
+        lora: dict | None = None,
+        **widgets,  # the other widgets are TrainConfig fields; an input that is not must be named above
     ) -> io.NodeOutput:
-        from ..training.config import TrainConfig
         from ..training.export import output_path
         from ..training.report import loss_chart
         from ..training.run import run_training
 
-        extra = dict(settings if settings is not None else settings_defaults())
-        if extra["base_dtype"] == AUTO_DTYPE:
-            extra["base_dtype"] = "bf16" if comfy.model_management.should_use_bf16() else "fp32"
-        if epochs:
-            steps = max(1, epochs * len(cache) // (batch_size * extra.get("grad_accum", 1)))
-        cfg = TrainConfig(
-            **extra,
-            steps=steps,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            rank=rank,
-            alpha=alpha,
-            preset=preset,
-            quantization=quantization,
-            seed=seed,
-        )
-        base = base_model_path(base_model)
+        start = start_lora(existing_lora, lora)
+        if start is not None:
+            widgets["rank"] = start.rank  # a continued LoRA keeps its rank
+        cfg = train_config(settings, widgets, epochs, len(cache), model)
+        if model is None and base_model == FROM_MODEL:
+            raise ValueError(f"base_model is '{FROM_MODEL}' but nothing is connected to 'model': connect a MODEL")
         if model is not None and not isinstance(model.model, comfy.model_base.SD3):
             raise ValueError(
                 f"model: got a {type(model.model).__name__} model; connect the SD3/SD3.5 MODEL the LoRA should be "
                 "applied to (or leave 'model' empty)"
             )
+        prompts = encode_prompts(clip, cache, split_prompts(validation_prompts))
+        if prompts and vae is None:
+            raise ValueError("validation_prompts need the trainer's vae input to show the samples (or clear them)")
         loras = Path(folder_paths.get_folder_paths("loras")[0])
         lora_path = output_path(loras, lora_name)  # confined to models/loras; a taken name gets _2, _3...
         work_dir = run_dir(lora_name)
+        report = RunReporter(
+            cls.hidden.unique_id, cfg.steps, lora_name, work_dir, row_labels(cfg), [p for p, *_ in prompts]
+        )
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
+        if model is not None:
+            base = graph_base(model, None if base_model == FROM_MODEL else base_model)
+        else:
+            base = base_model_path(base_model)
         workflow = (cls.hidden.extra_pnginfo or {}).get("workflow")
-        info = {"workflow": json.dumps(workflow)} if workflow else {}
-        output = None
         try:
             output = run_training(
                 base,
@@ -234,23 +283,45 @@ class SD35TunerTrainLora(io.ComfyNode):
                 cfg,
                 lora_path,
                 work_dir,
-                on_step=progress_stream(cfg.steps, cls.hidden.unique_id),
+                on_step=report.on_step,
                 resume=resume,
-                info=info,
+                info={"workflow": json.dumps(workflow)} if workflow else {},
                 device=comfy.model_management.get_torch_device(),
                 decode=vae_decoder(vae),
                 prior=class_cache,
+                start=start,
+                on_validation=report.on_validation,
+                prompts=prompts,
+                on_images=report.on_images,
             )
-            name = output.lora_path.relative_to(loras.resolve()).as_posix()
-            patched = apply_lora(model, output.lora_path) if model is not None else None
-            chart = torch.from_numpy(loss_chart(output.losses)).float()[None] / 255
-            grid = validation_grid(output.decoded)
-            logger.info("trained %s: %d parameters, final loss %.4f", name, output.trainable, output.losses[-1])
+        except Exception as err:
+            report.stopped(err)
+            raise
         finally:
             from diffusers.training_utils import free_memory
 
             free_memory()  # the trainer's model (peft hooks hold reference cycles)
             comfy.model_management.soft_empty_cache()
+        name = output.lora_path.relative_to(loras.resolve()).as_posix()
+        patched = apply_lora(model, output.lora_path) if model is not None else None
+        chart = torch.from_numpy(loss_chart(output.losses)).float()[None] / 255
+        grid = report.grid(output.decoded)
+        logger.info("trained %s: %d parameters, final loss %.4f", name, output.trainable, output.losses[-1])
         shown = grid if output.decoded else chart
         panel = {**ui.PreviewImage(shown, cls=cls).as_dict(), "lora_name": [name], "losses": output.losses}
-        return io.NodeOutput(name, patched, chart, json.dumps(output.losses), grid, ui=panel)
+        panel["memory"] = output.memory  # the memory plan: what memory_preset auto chose and the pre-flight
+        adapter = trained_adapter(output.lora_path)
+        return io.NodeOutput(name, patched, chart, json.dumps(output.losses), grid, adapter, ui=panel)
+
+
+def train_config(settings: dict | None, widgets: dict, epochs: int, cache_size: int, model=None):
+    """The run's TrainConfig: the settings node's values (or the defaults it shows), then the trainer's widgets."""
+    from ..training.config import TrainConfig
+
+    values = {**(settings if settings is not None else settings_defaults()), **widgets}
+    if values["base_dtype"] == AUTO_DTYPE:  # a MODEL's own dtype first: its tensors are then shared
+        auto = "bf16" if comfy.model_management.should_use_bf16() else "fp32"
+        values["base_dtype"] = (model_dtype(model) if model is not None else None) or auto
+    if epochs:
+        values["steps"] = max(1, epochs * cache_size // (values["batch_size"] * values["grad_accum"]))
+    return TrainConfig(**values)

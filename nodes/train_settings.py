@@ -17,7 +17,7 @@ class SD35TunerTrainSettings(io.ComfyNode):
 
         return io.Schema(
             node_id="SD35TunerTrainSettings",
-            display_name="LoRA Training Settings (SD3.5 Tuner)",
+            display_name="LoRA Training Settings",
             category=f"{CATEGORY}/training",
             description="The trainer's advanced settings. Connect to the trainer's 'settings' input; without it the "
             "defaults shown here are used. The defaults suit SD3.5 Large on a 24 GB card.",
@@ -132,27 +132,18 @@ class SD35TunerTrainSettings(io.ComfyNode):
                 io.Int.Input(
                     "keep_checkpoints", default=3, min=1, max=1000, tooltip="Keep the newest N checkpoints. Default 3."
                 ),
-                io.Int.Input(
-                    "validation_every",
-                    default=0,
-                    min=0,
-                    max=100_000,
-                    tooltip="Sample the cache's validation prompts every N steps (needs the VAE input). Default 0 = "
-                    "only once at the end.",
-                ),
-                io.Int.Input(
-                    "validation_steps", default=20, min=1, max=200, tooltip="Sampler steps per validation image."
-                ),
-                io.Float.Input(
-                    "validation_cfg",
-                    default=4.0,
-                    min=1.0,
-                    max=30.0,
-                    step=0.1,
-                    tooltip="Guidance scale of the validation samples (CFG and APG). Default 4.0; 1.0 = unguided.",
+                io.Boolean.Input(
+                    "block_offload",
+                    default=False,
+                    optional=True,
+                    tooltip="Keep the frozen transformer blocks in CPU RAM and bring one block at a time to the GPU "
+                    "for each forward and backward pass (kohya's block swap). Default off. Memory: the GPU then "
+                    "holds about two blocks of the base instead of all (SD3.5 Large int8: under 1 GB instead of "
+                    "8 GB), at the cost of copying the base over PCIe twice per step; the RAM must hold the base. "
+                    "Needs gradient_checkpointing on. The trainer's memory_preset 'auto' turns it on when needed.",
                 ),
             ],
-            outputs=[TrainSettings.Output(display_name="settings")],
+            outputs=[TrainSettings.Output(display_name="settings", tooltip="For the trainer's settings input.")],
         )
 
     @classmethod

@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from . import paths
+from .comfy_server import PACK_DIR_NAME as PACK
+from .workflow_api import FRONTEND_ONLY
 from .workflow_specs import Node, Workflow, workflows
 
 GAP = 40  # between columns, and between a node's bottom and the next node's title bar
@@ -39,6 +41,7 @@ CREATE_JS = """([specs, noteSpec]) => {
         }
         if (spec.title) node.title = spec.title;
         if (spec.models.length) node.properties.models = spec.models;
+        if (spec.pack) node.properties.cnr_id = spec.pack; // the frontend then asks no registry which pack it is
         const min = node.computeSize();
         node.setSize([Math.max(min[0], spec.width), Math.max(min[1], spec.height)]);
         return [node.id, node.size[0], node.size[1]];
@@ -75,6 +78,7 @@ def _node_spec(node: Node) -> dict[str, Any]:
         "width": node.width,
         "height": node.height,
         "models": node.models,
+        "pack": None if node.type in FRONTEND_ONLY else PACK if node.type.startswith("SD35Tuner") else "comfy-core",
     }
 
 

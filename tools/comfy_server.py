@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,11 +25,20 @@ from typing import Any
 from . import paths
 
 PACK_DIR_NAME = "sd35-tuner"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# "   0.0 seconds: <path>" (0.3.x); newer versions put a level in front: "[INFO]    0.0 seconds: <path>"
+IMPORT_TIME = re.compile(
+    r"^(?:\[[A-Z]+\])?\s*(?P<seconds>[0-9.]+) seconds(?P<failed> \(IMPORT FAILED\))?: (?P<path>.+?)\s*$", re.M
+)
 MODEL_FOLDERS = ("checkpoints", "vae", "vae_approx", "text_encoders", "clip", "diffusion_models")
 
 
 class ComfyError(RuntimeError):
     pass
+
+
+class PortTakenError(ComfyError):
+    """Another process took the free port between our check and ComfyUI's bind."""
 
 
 def free_port() -> int:
@@ -37,11 +47,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def prepare_base_dir(base: Path, models: Path = paths.MODELS) -> Path:
-    """Lay out a ComfyUI base directory with the pack and the built-in models linked in."""
+def prepare_base_dir(base: Path, models: Path = paths.MODELS, link_pack: bool = True) -> Path:
+    """Lay out a ComfyUI base directory with the pack (unless ``link_pack`` is False) and the built-in models."""
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
     link = base / "custom_nodes" / PACK_DIR_NAME
-    if not link.exists():
+    if link_pack and not link.exists():
         link.symlink_to(paths.REPO, target_is_directory=True)
     for sub in ("input", "output", "temp", "user", "models/loras"):
         (base / sub).mkdir(parents=True, exist_ok=True)
@@ -61,6 +71,8 @@ class ComfyServer:
     base_dir: Path
     port: int = field(default_factory=free_port)
     extra_args: tuple[str, ...] = ()
+    home: Path = field(default_factory=lambda: paths.COMFY_HOME)  # a ComfyUI home: comfyui/ + venv/ (+ stubs/)
+    link_pack: bool = True  # False: custom_nodes/ gets whatever an installer put there
     proc: subprocess.Popen | None = None
     client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -75,12 +87,37 @@ class ComfyServer:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
-    def start(self, timeout: float = 180.0) -> ComfyServer:
-        prepare_base_dir(self.base_dir)
-        python = paths.VENV / "bin" / "python"
+    def import_times(self) -> dict[str, tuple[float, bool]]:
+        """ComfyUI's "Import times for custom nodes" log lines: {pack path: (seconds, import failed)}."""
+        plain = ANSI.sub("", self.log())
+        return {m["path"]: (float(m["seconds"]), bool(m["failed"])) for m in IMPORT_TIME.finditer(plain)}
+
+    @property
+    def comfyui(self) -> Path:
+        return self.home / "comfyui"
+
+    @property
+    def version(self) -> tuple[int, ...]:
+        return paths.comfyui_version(self.comfyui)
+
+    def start(self, timeout: float = 180.0, attempts: int = 3) -> ComfyServer:
+        """Start and wait until this process serves its port; a port taken meanwhile (parallel test runs) is
+        retried on another free port."""
+        for attempt in range(attempts):
+            try:
+                return self._start_once(timeout)
+            except PortTakenError:
+                if attempt == attempts - 1:
+                    raise
+                self.port = free_port()
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> ComfyServer:
+        prepare_base_dir(self.base_dir, link_pack=self.link_pack)
+        python = self.home / "venv" / "bin" / "python"
         cmd = [
             str(python if python.exists() else "python"),
-            str(paths.COMFYUI / "main.py"),
+            str(self.comfyui / "main.py"),
             "--cpu",
             "--listen",
             "127.0.0.1",
@@ -95,19 +132,29 @@ class ComfyServer:
             *self.extra_args,
         ]
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        stubs = self.home / "stubs"  # stand-ins for modules a newer ComfyUI imports that CPU torch lacks
+        if stubs.is_dir():
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, (str(stubs), env.get("PYTHONPATH"))))
+        start_of_log = len(self.log())
         log = open(self.log_path, "ab")  # noqa: SIM115 - closed with the process
         self.proc = subprocess.Popen(
-            cmd, cwd=paths.COMFYUI, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            cmd, cwd=self.comfyui, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
+        serving = f"127.0.0.1:{self.port}"  # "To see the GUI go to: http://127.0.0.1:<port>", once it listens
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise ComfyError(f"ComfyUI exited with {self.proc.returncode} during start:\n{self.log()[-4000:]}")
-            try:
-                self.get("/object_info/CheckpointLoaderSimple", timeout=2)
-                return self
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                time.sleep(0.3)
+                said = self.log()[start_of_log:]
+                if "address already in use" in said:
+                    raise PortTakenError(f"port {self.port} was taken")
+                raise ComfyError(f"ComfyUI exited with {self.proc.returncode} during start:\n{said[-4000:]}")
+            if serving in self.log()[start_of_log:]:  # not another process that answers on this port
+                try:
+                    self.get("/object_info/CheckpointLoaderSimple", timeout=2)
+                    return self
+                except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+                    pass
+            time.sleep(0.3)
         self.stop()
         raise ComfyError(f"ComfyUI did not answer within {timeout}s:\n{self.log()[-4000:]}")
 

@@ -34,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from training.cache.sd3 import SD3_SCALE_FACTOR, SD3_SHIFT_FACTOR
+
 A0 = 6.0  # latent = A0·(mean − 0.5): within ±3, spread about 1.5 on photos
 DETAIL_GAIN = 1.0  # detail latents = DETAIL_GAIN·A0·difference: mostly within ±1, where 3·tanh(x/3) is near linear
 SMOOTH = (0.1687, 0.2632, 0.2572, -2.9113)  # a of [a, 1-2a, a] at 1/4, 1/2, 1 (after doubling) and the last conv
@@ -43,7 +45,7 @@ KNOTS = (0.9, 1.5, 1.9, 2.15)  # hinge points of the unsquashing of the mean cha
 LATENT_CHANNELS = 16
 WIDTH = 64
 CHAINS = 12  # latent channels in use: 3 means + 9 details; each travels as a (+, -) channel pair
-SD3_SCALE, SD3_SHIFT = 1.5305, 0.0609  # what ComfyUI's taesd3 loader sets as vae_scale / vae_shift
+SD3_SCALE, SD3_SHIFT = SD3_SCALE_FACTOR, SD3_SHIFT_FACTOR  # what ComfyUI's taesd3 loader sets as vae_scale / vae_shift
 
 # the encoder's and decoder's nn.Sequential layouts (comfy/taesd/taesd.py): index -> kind
 ENCODER = ("conv", "block", "down", "block", "block", "block", "down", "block", "block", "block", "down")

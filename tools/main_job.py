@@ -65,8 +65,8 @@ def run_pipeline(server: ComfyServer, steps: int = LORA_STEPS, lora_name: str = 
     trigger_prompt = format_caption(SUBJECT_CAPTION, CaptionTemplate(trigger=trigger))
     set_inputs(prompt, "SD35TunerLoadDataset", folder=folder.name)
     set_inputs(prompt, "SD35TunerSmartCrop", resolution=SIZE)
-    set_inputs(prompt, "SD35TunerCacheLatents", cache_name=f"sd35_cache/{folder.name}", validation_prompts="")
-    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32", validation_every=0, gradient_checkpointing=False)
+    set_inputs(prompt, "SD35TunerCacheLatents", cache_name=f"sd35_cache/{folder.name}")
+    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32", gradient_checkpointing=False)
     set_inputs(
         prompt,
         "SD35TunerTrainLora",
@@ -75,6 +75,8 @@ def run_pipeline(server: ComfyServer, steps: int = LORA_STEPS, lora_name: str = 
         quantization="none",
         lora_name=lora_name,
         seed=SEED,
+        memory_preset="manual",
+        validation_prompts="",
     )
     positive, negative = (k for k, v in prompt.items() if v["class_type"] == "CLIPTextEncode")
     prompt[positive]["inputs"]["text"], prompt[negative]["inputs"]["text"] = trigger_prompt, ""

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
+
+from training.fs import atomic_file
 
 PREFIX = "model.diffusion_model."
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
@@ -49,16 +50,13 @@ def write_streamed(
         offset += size
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    with open(tmp, "wb") as f:
+    with atomic_file(path) as tmp, open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for key, shape, dtype in specs:
             tensor = make(key, shape, dtype)
             assert tuple(tensor.shape) == tuple(shape) and tensor.dtype == dtype, key
             f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
             del tensor
-    os.replace(tmp, path)
     return path
 
 

@@ -38,9 +38,18 @@ def _shrink(prompt: dict[str, Any], server: ComfyServer) -> str:
     point_at_builtin_models(prompt, SIZE, demo=True)
     set_inputs(prompt, "SD35TunerLoadDataset", folder=folder.name)
     set_inputs(prompt, "SD35TunerSmartCrop", resolution=SIZE)
-    set_inputs(prompt, "SD35TunerCacheLatents", cache_name=f"sd35_cache/{folder.name}", validation_prompts="")
-    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32", validation_every=0, gradient_checkpointing=False)
-    set_inputs(prompt, "SD35TunerTrainLora", steps=LORA_STEPS, **LORA, quantization="none", seed=SEED)
+    set_inputs(prompt, "SD35TunerCacheLatents", cache_name=f"sd35_cache/{folder.name}")
+    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32", gradient_checkpointing=False)
+    set_inputs(
+        prompt,
+        "SD35TunerTrainLora",
+        steps=LORA_STEPS,
+        **LORA,
+        quantization="none",
+        seed=SEED,
+        memory_preset="manual",
+        validation_prompts="",
+    )
     set_inputs(prompt, "SD35TunerSaveDataset", folder="thumbnail_dataset")
     for kind in ("KSampler", "SD35TunerCompareCFGAPG"):
         set_inputs(prompt, kind, steps=SAMPLE_STEPS, seed=SEED)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from training.cache.sd3 import SD3_SCALE_FACTOR, SD3_SHIFT_FACTOR
 from training.fs import atomic_save_safetensors
 
 from . import paths
@@ -104,8 +105,8 @@ def build_vae_ldm(seed: int) -> dict[str, torch.Tensor]:
         layers_per_block=2,
         use_quant_conv=False,
         use_post_quant_conv=False,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
+        scaling_factor=SD3_SCALE_FACTOR,
+        shift_factor=SD3_SHIFT_FACTOR,
     )
     state = {k: v.detach().clone() for k, v in vae.state_dict().items()}
     return comfy.diffusers_convert.convert_vae_state_dict(state)

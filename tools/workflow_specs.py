@@ -18,6 +18,7 @@ HF_SD35 = "https://huggingface.co/stabilityai/stable-diffusion-3.5-large/resolve
 BASE_MODEL = "sd3.5_large.safetensors"
 TEXT_ENCODERS = ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")
 SAMPLE_FOLDER = "sd35_tuner_sample"  # a folder under input/ that a user does not have: the frontend flags it
+FROM_MODEL = "(use the MODEL input)"  # the trainer's base_model choice for the connected MODEL (nodes/_model_base.py)
 TRIGGER = "k4s4"
 PROMPT = f"{TRIGGER}, a portrait photo of a person in a park"
 NEGATIVE = "blurry, cropped, ugly"
@@ -98,16 +99,18 @@ def load_and_crop(resolution: int, max_upscale: float) -> list[list[Node]]:
 def cache_columns() -> list[list[Node]]:
     return [
         [checkpoint_loader(), clip_loader()],
-        [Node("cache", "SD35TunerCacheLatents", {"validation_prompts": PROMPT}, width=360)],
+        [Node("cache", "SD35TunerCacheLatents", width=360)],
     ]
 
 
 def train_columns(chart: Node) -> list[list[Node]]:
-    """Settings -> trainer -> the loss chart, left to right (the trainer's MODEL goes on to the next group)."""
-    values = {"base_model": BASE_MODEL, "lora_name": "my_sd35_lora", "steps": 1000, "quantization": "int8"}
+    """Settings -> trainer -> the loss chart, left to right. The trainer trains on the checkpoint loader's MODEL
+    (loaded once, shared) and hands it on, LoRA applied, to the next group."""
+    values = {"base_model": FROM_MODEL, "lora_name": "my_sd35_lora", "steps": 1000, "quantization": "int8"}
+    values |= {"validation_prompts": PROMPT, "validation_every": 200}
     return [
-        [Node("settings", "SD35TunerTrainSettings", {"max_grad_norm": 0.1, "validation_every": 200})],
-        [Node("train", "SD35TunerTrainLora", values, width=380, models=CHECKPOINT_MODELS)],
+        [Node("settings", "SD35TunerTrainSettings", {"max_grad_norm": 0.1})],
+        [Node("train", "SD35TunerTrainLora", values, width=380)],
         [chart],
     ]
 
@@ -127,6 +130,7 @@ CACHE_TRAIN_LINKS = [
     ("clip.CLIP", "cache.clip"),
     ("cache.cache", "train.cache"),
     ("settings.settings", "train.settings"),
+    ("clip.CLIP", "train.clip"),
     ("ckpt.VAE", "train.vae"),
     ("ckpt.MODEL", "train.model"),
     ("train.loss_chart", "chart.images"),
@@ -137,7 +141,7 @@ COMPARE_LINKS = [  # prompts() -> compare_columns()
     ("neg.CONDITIONING", "compare.negative"),
     ("latent.LATENT", "compare.latent_image"),
     ("ckpt.VAE", "compare.vae"),
-    ("compare.IMAGE", "save.images"),
+    ("compare.comparison", "save.images"),
 ]
 
 
@@ -156,7 +160,7 @@ WHERE_FILES_GO = """**Where files go** (under your ComfyUI folder)
 - the latent cache: `output/sd35_cache/…` (re-running encodes only what changed)"""
 
 MODELS_NEEDED = f"""**Models** (pick yours in the loaders if the names differ)
-- `models/checkpoints/{BASE_MODEL}` (SD3.5 Large or Medium; also the trainer's `base_model`)
+- `models/checkpoints/{BASE_MODEL}` (SD3.5 Large or Medium; the trainer trains on the MODEL it loads)
 - `models/text_encoders/`: `{"`, `".join(TEXT_ENCODERS)}`"""
 
 DATA_STEPS = f"""1. Put your pictures (optional `name.txt` captions next to them) in a folder under
@@ -207,7 +211,7 @@ Guidance, and shows them under a split slider (CFG left, APG right) with saturat
 APG keeps colours natural at high guidance scales; η, norm threshold and momentum are the
 paper's parameters (η=1, r=0, β=0 is exactly CFG).
 
-{MODELS_NEEDED.replace(" (SD3.5 Large or Medium; also the trainer's `base_model`)", "")}
+{MODELS_NEEDED.replace(" (SD3.5 Large or Medium; the trainer trains on the MODEL it loads)", "")}
 
 **Output**: `output/sd35_cfg_vs_apg_*.png` (labelled side by side)."""
 
@@ -291,7 +295,7 @@ def _train() -> Workflow:
             *CACHE_TRAIN_LINKS,
             *PROMPT_LINKS,
             ("train.model", "apg.model"),
-            ("apg.MODEL", "sampler.model"),
+            ("apg.model", "sampler.model"),
             ("pos.CONDITIONING", "sampler.positive"),
             ("neg.CONDITIONING", "sampler.negative"),
             ("latent.LATENT", "sampler.latent_image"),

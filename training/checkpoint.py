@@ -8,7 +8,8 @@ SHA-256 of both tensor files). No pickle anywhere: tensors go to safetensors, th
 Saving is atomic (``fs.atomic_folder``): the new checkpoint is written and fsynced in a uniquely
 named temp folder, renamed into place, and only then is an old folder of that name removed; only
 the newest ``keep`` checkpoints stay (older ones are renamed away before they are deleted, so none is
-ever seen half-deleted). Temp folders of killed runs are removed by the next run.
+ever seen half-deleted). Rotation only ever sees the current run's checkpoints: a fresh run first
+moves an earlier run's out of the way (``run_folder``). Temp folders of killed runs are removed by the next run.
 
 Resuming reads a checkpoint whole and checks it before anything is changed: every file present and
 readable, ``state.json`` with the right fields and types, tensor files matching their checksums,

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .model import DTYPES, PRESETS, QUANT
-from .options import LOSS_WEIGHTING, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLING
+from .options import LOSS_WEIGHTING, MEMORY_PRESETS, OPTIMIZERS, SCHEDULES, TIMESTEP_SAMPLING
 
 
 @dataclass(frozen=True)
@@ -34,6 +34,8 @@ class TrainConfig:
     base_dtype: str = "fp32"
     quantization: str = "none"
     gradient_checkpointing: bool = False
+    block_offload: bool = False  # frozen blocks in CPU RAM, one at a time on the device (needs checkpointing)
+    memory_preset: str = "manual"  # "auto": the settings above chosen for the detected GPU (training.memory)
     optimizer: str = "adamw"
     weight_decay: float = 1e-4
     lr_scheduler: str = "constant"
@@ -56,9 +58,9 @@ class TrainConfig:
     validation_every: int = 0  # 0: no validation samples
     validation_steps: int = 20
     validation_cfg: float = 4.0
-    apg_eta: float = 0.0
-    apg_norm_threshold: float = 5.0
-    apg_momentum: float = 0.0
+    apg_eta: float = 0.0  # validation samples' APG: the APG node's defaults (r scaled to the latent size)
+    apg_norm_threshold: float = 15.0
+    apg_momentum: float = -0.5
     save_dtype: str = "bf16"
 
     def __post_init__(self) -> None:
@@ -115,6 +117,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "base_dtype": _choice(DTYPES),
     "save_dtype": _choice(DTYPES),
     "quantization": _choice(QUANT),
+    "memory_preset": _choice(MEMORY_PRESETS),
     "optimizer": _choice(OPTIMIZERS),
     "weight_decay": _at_least(0),
     "lr_scheduler": _choice(SCHEDULES),
@@ -153,6 +156,11 @@ def config_problems(values: Mapping[str, Any]) -> dict[str, str]:
     warmup, steps = values.get("warmup_steps"), values.get("steps")
     if "warmup_steps" not in problems and warmup and steps is not None and warmup >= steps:
         problems["warmup_steps"] = f"warmup_steps must be < steps ({steps}), got {warmup!r}"
+    if values.get("block_offload") and values.get("gradient_checkpointing") is False:
+        problems["block_offload"] = (
+            "block_offload needs gradient_checkpointing on (without it the backward pass keeps every block's "
+            "weights on the device, and offloading saves nothing); turn gradient_checkpointing on"
+        )
     return problems
 
 

@@ -4,12 +4,11 @@ Keys are diffusers' SD3 LoRA format, ``transformer.<module>.lora_A.weight`` / ``
 (ComfyUI silently drops raw peft keys without the ``transformer.`` prefix). ComfyUI's LoraLoader
 ignores an alpha stored in the header, so ``alpha / rank`` is folded into ``lora_B``: the file is
 then correct for any loader that assumes alpha = rank (ComfyUI, diffusers' ``load_lora_weights``).
-Training metadata goes into the safetensors header (string values only).
+The header carries our keys, ModelSpec and kohya's ``ss_*`` keys (``metadata.header``).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Any
 import torch
 
 from . import fs
+from .metadata import PACK_VERSION, header
 from .model import DTYPES, LoraSpec
 
-PACK_VERSION = "0.1.0"
+__all__ = ["PACK_VERSION", "export_lora", "header", "lora_state_dict", "output_path"]
 
 
 def lora_state_dict(transformer, spec: LoraSpec, dtype: str = "fp32") -> dict[str, torch.Tensor]:
@@ -35,21 +35,6 @@ def lora_state_dict(transformer, spec: LoraSpec, dtype: str = "fp32") -> dict[st
             tensor = tensor * scale
         out[f"transformer.{key}"] = tensor.to(DTYPES[dtype]).contiguous()
     return out
-
-
-def header(spec: LoraSpec, info: Mapping[str, Any]) -> dict[str, str]:
-    """Header metadata: the LoRA's shape and the run's facts, every value a string."""
-    meta = {
-        "sd35_tuner.version": PACK_VERSION,
-        "sd35_tuner.format": "diffusers-sd3-lora",
-        "sd35_tuner.rank": str(spec.rank),
-        "sd35_tuner.alpha": str(spec.alpha),
-        "sd35_tuner.alpha_folded": "lora_B is scaled by alpha/rank; load with alpha = rank (strength 1.0)",
-        "sd35_tuner.targets": json.dumps(list(spec.targets)),
-    }
-    for key, value in info.items():
-        meta[f"sd35_tuner.{key}"] = value if isinstance(value, str) else json.dumps(value)
-    return meta
 
 
 def export_lora(
@@ -73,9 +58,4 @@ def output_path(folder: str | os.PathLike, name: str, field: str = "lora_name") 
             f"{field} {name!r} is not a plain file name; use something like 'my_style' or 'people/my_style' "
             "(no '..', no absolute path, no part starting with '.')"
         )
-    path = fs.resolve_inside(folder, f"{stem}.safetensors", field)
-    version = 2
-    while path.exists():
-        path = path.with_name(f"{Path(stem).name}_{version}.safetensors")
-        version += 1
-    return path
+    return fs.next_free(fs.resolve_inside(folder, f"{stem}.safetensors", field), ".safetensors")

@@ -205,6 +205,13 @@ def temp_folder(parent: StrPath, name: str) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def probe_writable(folder: StrPath) -> None:
+    """Create and delete a temp file in ``folder``: OSError (EACCES, EROFS...) if files cannot be made there."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=_temp_prefix("probe"), suffix=".tmp")
+    os.close(fd)
+    os.unlink(name)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process ``pid`` runs on this machine (unknown counts as running: nothing is removed then)."""
     if pid <= 0:
@@ -280,6 +287,17 @@ def resolve_inside(base: StrPath, rel: Any, what: str = "path") -> Path:
     if resolved != base and base not in resolved.parents:
         raise ValueError(f"{what} '{rel}' resolves to {resolved}, outside {base}")
     return resolved
+
+
+def next_free(path: StrPath, suffix: str = "") -> Path:
+    """``path`` if nothing is there, else the first free ``<name>_2<suffix>``, ``_3``... beside it: how a new
+    output (a LoRA file, a saved dataset folder) gets a version instead of replacing an older one."""
+    path = Path(path)
+    name, version = path.name.removesuffix(suffix), 2
+    while path.exists() or path.is_symlink():
+        path = path.with_name(f"{name}_{version}{suffix}")
+        version += 1
+    return path
 
 
 def is_inside(path: StrPath, bases: list[StrPath]) -> bool:

@@ -32,6 +32,7 @@ from .data import Batch, TrainingSource
 from .loss import flow_matching_loss, sample_sigmas
 from .model import lora_parameters
 from .optim import grad_norm_and_clip, make_optimizer, make_scheduler
+from .run_folder import archive_earlier_run
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +61,7 @@ class TrainResult:
     step: int
     resumed_from: Path | None = None  # the checkpoint the run continued from
     damaged: list[str] = field(default_factory=list)  # newer checkpoints skipped on resume, with the reason
+    archived: Path | None = None  # where a fresh run moved an earlier run's files in its work_dir
 
 
 OnStep = Callable[[StepInfo], None]
@@ -124,7 +126,9 @@ class Trainer:
     ) -> TrainResult:
         """Train the LoRA attached to ``transformer``; checkpoints go to ``work_dir``.
 
-        ``resume``: a checkpoint folder, or True for the newest intact one in ``work_dir``.
+        ``resume``: a checkpoint folder, or True for the newest intact one in ``work_dir``. Without it, an
+        earlier run's checkpoints and validation images in ``work_dir`` are first moved to a ``previous-*``
+        folder there (``run_folder.archive_earlier_run``), so this run's saves and rotation never touch them.
         """
         with grad_enabled():
             run = _Run(self, transformer, work_dir, resume)
@@ -140,7 +144,7 @@ class Trainer:
                     if not isinstance(err, NonFiniteLossError):  # Cancel or an error: keep the finished steps
                         run.save_unsaved_progress()
                     raise
-        result = TrainResult(run.state.losses, run.state.step)
+        result = TrainResult(run.state.losses, run.state.step, archived=run.archived)
         if run.resumed is not None:
             result.resumed_from, result.damaged = run.resumed.path, run.resumed.skipped
         return result
@@ -203,8 +207,10 @@ class _Run:
         self.device = self.params[0].device
         self.optimizer = make_optimizer(self.params, cfg)
         self.scheduler = make_scheduler(self.optimizer, cfg)
+        self.archived: Path | None = None
         if self.work_dir is not None and self.main:
             clean_work_dir(self.work_dir)  # temps of killed runs; a checkpoint a killed save moved aside
+            self.archived = None if resume else archive_earlier_run(self.work_dir)
         if self.accelerator is not None:
             self.accelerator.wait_for_everyone()
         self.resumed = self.restore(resume) if resume else None

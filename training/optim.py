@@ -22,7 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 class BF16AdamW(torch.optim.Optimizer):
-    """AdamW (decoupled weight decay) keeping ``exp_avg`` / ``exp_avg_sq`` in bfloat16."""
+    """AdamW (decoupled weight decay) keeping ``exp_avg`` / ``exp_avg_sq`` in bfloat16.
+
+    Why it exists: the low-memory choice where bitsandbytes' 8-bit AdamW cannot run (CPU, or the
+    package missing); torch's AdamW keeps its states in the parameters' dtype (fp32 for a LoRA).
+    """
 
     def __init__(
         self, params: Iterable[torch.nn.Parameter], lr: float, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0

@@ -11,3 +11,4 @@ LOSS_WEIGHTING = ("none", "sigma_sqrt", "cosmap")
 PRESET_NAMES = ("attention", "attention_ff", "all_linear", "x_stream", "context_stream")
 QUANTIZATION = ("none", "int8", "int4", "fp8")
 DTYPE_NAMES = ("fp32", "bf16", "fp16")
+MEMORY_PRESETS = ("manual", "auto")  # auto: quantization, block offload, rank, batch, checkpointing for the GPU

@@ -1,6 +1,7 @@
 """One training run from a base-model file to a LoRA file: the path the node and the CLI share.
 
-Order matters and is kept in one place: check the data can fill a step (before any model loads),
+Order matters and is kept in one place: take the run folder's lock (one trainer per folder, before
+anything loads), check the data can fill a step (before any model loads),
 load the base, check the cache was encoded for this model family, quantise + freeze the base, add
 the LoRA, train (checkpoints, validation samples), and only then write the LoRA file, atomically,
 so a failed or cancelled run leaves nothing half-written in the LoRA folder.
@@ -8,8 +9,11 @@ so a failed or cancelled run leaves nothing half-written in the LoRA folder.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,9 +23,14 @@ import torch
 from .config import TrainConfig
 from .data import TrainingSource
 from .export import PACK_VERSION, export_lora
+from .fs import folder_lock, resolve_inside
+from .loading import InMemoryBase, base_name, load_base
 from .loop import OnStep, Trainer, TrainResult, grad_enabled
-from .model import add_lora, count_trainable, load_transformer, lora_target_modules, quantize_base
-from .validate import Decode, OnValidation, SampleSettings, Validation
+from .metadata import base_model_hashes, dataset_facts, sd3_variant
+from .model import add_lora, count_trainable, load_adapter_state, lora_target_modules
+from .run_folder import VALIDATION
+from .start_lora import StartLora
+from .validate import Decode, OnImages, OnValidation, Prompts, SampleSettings, Validation
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +43,8 @@ class RunOutput:
     decoded: dict[str, torch.Tensor] = field(default_factory=dict)  # latest validation samples [N,H,W,3] per guidance
     resumed_from: Path | None = None  # the checkpoint the run continued from
     damaged: list[str] = field(default_factory=list)  # newer checkpoints skipped on resume, each with its reason
+    archived: Path | None = None  # where this fresh run moved an earlier run's files in its work_dir
+    memory: list[str] = field(default_factory=list)  # the memory pre-flight's verdict (and what "auto" chose)
 
 
 def check_compatible(meta: dict[str, Any], config: Any) -> None:
@@ -52,13 +63,53 @@ def check_compatible(meta: dict[str, Any], config: Any) -> None:
             )
 
 
-def prepare_model(base_model: str | os.PathLike, cfg: TrainConfig, device: str | torch.device = "cpu"):
-    """The model a run trains: load the base, quantise and freeze it if asked, attach the LoRA, move to ``device``."""
-    transformer = load_transformer(base_model, cfg.base_dtype)
-    quantize_base(transformer, cfg.quantization)
-    targets = lora_target_modules(transformer, cfg.preset, cfg.blocks, cfg.exclude_blocks)
-    spec = add_lora(transformer, cfg.rank, cfg.alpha, targets, cfg.lora_dropout, seed=cfg.seed)
+def prepare_model(
+    base_model: str | os.PathLike | InMemoryBase,
+    cfg: TrainConfig,
+    device: str | torch.device = "cpu",
+    start: StartLora | None = None,
+):
+    """The model a run trains: the base (a file, or a ComfyUI MODEL's weights) built block by block on
+    ``device``, quantised and frozen as asked, then the LoRA attached: a fresh one, or with ``start`` an
+    existing LoRA's targets, rank and weights. With ``cfg.block_offload`` the joint blocks' frozen
+    weights stay in CPU RAM and visit ``device`` one block at a time (``training.offload``)."""
+    blocks_device = "cpu" if cfg.block_offload else None
+    transformer = load_base(base_model, cfg.base_dtype, cfg.quantization, device, blocks_device=blocks_device)
+    if start is None:
+        targets = lora_target_modules(transformer, cfg.preset, cfg.blocks, cfg.exclude_blocks)
+        spec = add_lora(transformer, cfg.rank, cfg.alpha, targets, cfg.lora_dropout, seed=cfg.seed)
+    else:
+        start.check_fits(transformer)
+        spec = add_lora(transformer, start.rank, cfg.alpha, list(start.targets), cfg.lora_dropout, seed=cfg.seed)
+        load_adapter_state(transformer, start.adapter_tensors(cfg.alpha), start.name)
+    if cfg.block_offload:
+        from .offload import offload_blocks
+
+        offload_blocks(transformer, device)
+        return transformer, spec
     return transformer.to(device), spec
+
+
+def plan_memory(
+    base_model, source: TrainingSource, cfg: TrainConfig, device, validation: bool, start: StartLora | None = None
+) -> tuple[TrainConfig, list[str]]:
+    """Before the base is loaded: with ``memory_preset`` "auto" the settings the GPU fits (logged with
+    the reason), then the pre-flight that stops a run that cannot fit and warns when tight. Returns the
+    run's settings and the lines said."""
+    from .loading import read_config
+    from .memory import auto_settings, check_run
+
+    first = next(source.batches(1, cfg.seed, 0, drop_last=False))
+    resolution = 8 * max(first.latents.shape[-2:])
+    config = read_config(base_model)
+    said = []
+    if cfg.memory_preset == "auto":
+        cfg, why = auto_settings(config, cfg, resolution, device, validation, len(source), start and start.rank)
+        logger.info(why)
+        said.append(why)
+    level, message = check_run(config, cfg, resolution, device, validation)
+    (logger.warning if level == "warn" else logger.info)(message)
+    return cfg, [*said, message]
 
 
 def sample_settings(cfg: TrainConfig) -> SampleSettings:
@@ -73,9 +124,28 @@ def sample_settings(cfg: TrainConfig) -> SampleSettings:
     )
 
 
+def _holding_work_dir(run: Callable[..., RunOutput]) -> Callable[..., RunOutput]:
+    """Hold the work folder's lock around the whole of ``run`` in the process that writes it, taken before
+    anything loads: a second trainer on the same folder (another ComfyUI, the CLI) fails at once, naming
+    the holder (``fs.FolderInUseError``); a killed trainer's lock is recovered by the next run."""
+    signature = inspect.signature(run)
+
+    @functools.wraps(run)
+    def locked(*args, **kwargs) -> RunOutput:
+        given = signature.bind(*args, **kwargs).arguments
+        accelerator = given.get("accelerator")
+        if accelerator is not None and not accelerator.is_main_process:
+            return run(*args, **kwargs)
+        with folder_lock(given["work_dir"], f"training {Path(given['lora_path']).name}"):
+            return run(*args, **kwargs)
+
+    return locked
+
+
+@_holding_work_dir
 @grad_enabled()  # weights loaded as inference tensors (inside ComfyUI) could not take part in the backward pass
 def run_training(
-    base_model: str | os.PathLike,
+    base_model: str | os.PathLike | InMemoryBase,
     source: TrainingSource,
     cfg: TrainConfig,
     lora_path: str | os.PathLike,
@@ -88,37 +158,60 @@ def run_training(
     accelerator=None,
     prior: TrainingSource | None = None,
     on_validation: OnValidation | None = None,
+    start: StartLora | None = None,
+    prompts: Prompts | None = None,
+    on_images: OnImages | None = None,
 ) -> RunOutput:
     """Train a LoRA on ``source`` and write it to ``lora_path``; checkpoints and samples go to ``work_dir``.
 
     ``on_step(StepInfo)`` after every optimizer step and ``on_validation(step, done, total)`` during
     validation sampling may raise to cancel; the finished steps are then checkpointed for ``resume``.
+    ``start`` continues an existing LoRA instead of a fresh one.
+    ``prompts`` (prompt, cond, pooled) replace the cache's validation prompts; ``on_images(step, decoded)``
+    gets every validation's decoded samples as they are made.
     """
+    samples = resolve_inside(work_dir, VALIDATION, "validation folder")  # a planted link must not lead out
     trainer = Trainer(source, cfg, prior, accelerator)
-    transformer, spec = prepare_model(base_model, cfg, device)
+    planned, memory = plan_memory(base_model, source, cfg, device, decode is not None, start)
+    if planned != cfg:
+        cfg, trainer = planned, Trainer(source, planned, prior, accelerator)
+    transformer, spec = prepare_model(base_model, cfg, device, start)
     for data in (source, prior):
         if data is not None:
             check_compatible(data.meta, transformer.config)
     trainable = count_trainable(transformer)
     logger.info("training %d LoRA parameters on %d modules of %s", trainable, len(spec.targets), base_model)
     work_dir = Path(work_dir)
-    validation = Validation(transformer, source, sample_settings(cfg), work_dir / "validation", decode, on_validation)
+    validation = Validation(
+        transformer, source, sample_settings(cfg), samples, decode, on_validation, prompts, on_images
+    )
     result = trainer.fit(transformer, work_dir, on_step, resume, validation if cfg.validation_every else None)
-    if trainer.main and (not cfg.validation_every or cfg.steps % cfg.validation_every):
+    if trainer.main and validation.step != cfg.steps:  # the final samples, unless the loop just made them
         validation(cfg.steps)
     path = Path(lora_path)
     if trainer.main:
+        facts = {"title": path.stem, "model_type": sd3_variant(transformer.config), **dataset_facts(source)}
+        info = {**facts, **base_model_hashes(base_model), **(info or {})}
         export_lora(transformer, spec, path, _lora_info(base_model, source, cfg, result, info), cfg.save_dtype)
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    return RunOutput(path, result.losses, trainable, validation.decoded, result.resumed_from, result.damaged)
+    return RunOutput(
+        path,
+        result.losses,
+        trainable,
+        validation.decoded,
+        result.resumed_from,
+        result.damaged,
+        result.archived,
+        memory,
+    )
 
 
 def _lora_info(base_model, source: TrainingSource, cfg: TrainConfig, result: TrainResult, extra) -> dict[str, Any]:
     """The run's facts for the LoRA file's header."""
     losses = result.losses
     return {
-        "base_model": Path(base_model).name,
+        "base_model": base_name(base_model),
         "steps": result.step,
         "learning_rate": cfg.learning_rate,
         "dataset_size": len(source),

@@ -14,6 +14,7 @@ guidances); it may raise, which is how a Cancel between validation evaluations s
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,12 +26,12 @@ from .fs import atomic_file
 from .loss import base_dtype, shift_sigmas
 
 
-def _guidance():
+def _apg():
     try:
-        from ..apg import guidance
+        from ..apg import guidance, schedule
     except ImportError:  # imported as top-level ``training`` (tests, CLI): ``apg`` is a sibling package
-        from apg import guidance
-    return guidance
+        from apg import guidance, schedule
+    return guidance, schedule
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,8 @@ class SampleSettings:
     scale: float = 4.0
     shift: float = 3.0
     apg_eta: float = 0.0
-    apg_norm_threshold: float = 5.0
-    apg_momentum: float = 0.0
+    apg_norm_threshold: float = 15.0  # scaled to the latent size, as the APG node's default 'scaled' mode
+    apg_momentum: float = -0.5
     seed: int = 0
 
 
@@ -66,7 +67,7 @@ def sample(
     ``guidance``: ``"cfg"`` or ``"apg"``; with scale 1 both are the plain conditional sampler.
     ``after_eval``: called after every transformer evaluation (one per sampler step).
     """
-    apg = _guidance()
+    apg, schedule = _apg()
     device, dtype = transformer.pos_embed.proj.weight.device, base_dtype(transformer)
     n = cond.shape[0]
     noise = torch.randn((n, *shape), generator=torch.Generator().manual_seed(settings.seed))
@@ -74,6 +75,7 @@ def sample(
     ctx = torch.cat([cond, uncond.expand(n, *uncond.shape[1:])]).to(device, dtype)
     pool = torch.cat([pooled, uncond_pooled.expand(n, *uncond_pooled.shape[1:])]).to(device, dtype)
     state = apg.MomentumState(settings.apg_momentum) if settings.apg_momentum != 0 else None
+    threshold = schedule.scaled_norm_threshold(settings.apg_norm_threshold, math.prod(shape))
     sigmas = flow_sigmas(settings.steps, settings.shift)
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist(), strict=True):
         v = transformer(
@@ -85,9 +87,7 @@ def sample(
         )[0].float()
         x0_cond, x0_uncond = (torch.cat([x, x]) - sigma * v).chunk(2)
         if guidance == "apg":
-            x0 = apg.apply_apg(
-                x0_cond, x0_uncond, settings.scale, settings.apg_eta, settings.apg_norm_threshold, state
-            )
+            x0 = apg.apply_apg(x0_cond, x0_uncond, settings.scale, settings.apg_eta, threshold, state)
         else:
             x0 = apg.cfg(x0_cond, x0_uncond, settings.scale)
         # Euler on the ODE dx/dσ = (x − x0) / σ
@@ -136,6 +136,8 @@ def sample_prompts(
 
 OnValidation = Callable[[int, int, int], None]  # (training step, evaluations done, evaluations in all); may raise
 Decode = Callable[[torch.Tensor], torch.Tensor]  # latents [N,C,h,w] (transformer space) -> images [N,H,W,3] in 0..1
+OnImages = Callable[[int, dict[str, torch.Tensor]], None]  # (training step, decoded images per guidance)
+Prompts = list[tuple[str, torch.Tensor, torch.Tensor]]  # (prompt, cond, pooled) per validation prompt
 
 
 class Validation:
@@ -150,11 +152,14 @@ class Validation:
         folder: str | os.PathLike,
         decode: Decode | None = None,
         on_validation: OnValidation | None = None,
+        prompts: Prompts | None = None,
+        on_images: OnImages | None = None,
     ) -> None:
         self.transformer, self.source, self.settings, self.folder = transformer, source, settings, Path(folder)
-        self.decode, self.on_validation = decode, on_validation
-        self.prompts = source.validation_prompts()
+        self.decode, self.on_validation, self.on_images = decode, on_validation, on_images
+        self.prompts = source.validation_prompts() if prompts is None else prompts
         self.decoded: dict[str, torch.Tensor] = {}  # the latest samples, decoded [N,H,W,3] per guidance
+        self.step: int | None = None  # the training step of the latest samples
 
     def __call__(self, step: int) -> None:
         if not self.prompts:
@@ -166,11 +171,14 @@ class Validation:
         latents = sample_prompts(
             self.transformer, self.prompts, self.source.empty_text(), shape, self.settings, progress
         )
+        self.step = step
         if self.decode is None:
             return
         self.decoded = {g: self.decode(lat) for g, lat in latents.items()}
         for g, images in self.decoded.items():
             save_pngs(images, self.folder, f"step{step:06d}_{g}")
+        if self.on_images is not None:
+            self.on_images(step, self.decoded)
 
 
 def save_pngs(images: torch.Tensor, folder: str | os.PathLike, stem: str) -> list[Path]:

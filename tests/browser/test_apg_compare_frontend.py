@@ -55,6 +55,10 @@ def test_viewer_appears_shows_a_run_and_switches(ui, comfy, tmp_path):
     assert has_widget
     assert ui.page.locator(VIEWER).count() == 1
     assert state(ui)["loaded"] == "0"
+    # before any run: a placeholder says what will appear, no empty (broken) pictures
+    assert ui.page.locator(f"{VIEWER} .sd35-apg-placeholder").is_visible()
+    assert not ui.page.locator(f"{VIEWER} .sd35-apg-frame").is_visible()
+    ui.screenshot(tmp_path / "apg_compare_before_run.png")
 
     # run the same graph (on the built-in models) for this page's client: the node's onExecuted fills the viewer
     prompt = point_at_builtin_models(ui_to_api(workflow, comfy.object_info()), size=64)
@@ -66,11 +70,17 @@ def test_viewer_appears_shows_a_run_and_switches(ui, comfy, tmp_path):
     assert entry["status"]["status_str"] == "success"
     ui.page.wait_for_function(f"() => document.querySelector('{VIEWER}').dataset.loaded === '1'", timeout=180_000)
 
+    assert not ui.page.locator(f"{VIEWER} .sd35-apg-placeholder").is_visible()
     halves = entry["outputs"][next(k for k, v in prompt.items() if v["class_type"] == NODE)]["sd35_apg_compare"][0]
     s = state(ui)
     assert halves["cfg"][0]["filename"] in s["cfgSrc"] and halves["apg"][0]["filename"] in s["apgSrc"]
     assert "saturation CFG" in s["caption"] and "APG/CFG" in s["caption"]
     assert s["mode"] == "split" and s["split"] == 50 and s["clip"] == "inset(0px 0px 0px 50%)"
+    # the node on screen, as a user scrolls to it
+    ui.page.evaluate(
+        "(type) => window.app.canvas.centerOnNode(window.app.graph.nodes.find((n) => n.type === type))", NODE
+    )
+    ui.page.wait_for_timeout(300)
     ui.screenshot(tmp_path / "apg_compare_page.png")
     split = stage_pixels(ui, tmp_path / "split50.png")
 

@@ -13,14 +13,17 @@ from dataset.manifest import Dataset
 from tools.browser import frontend, queue_from_frontend
 from tools.comfy_server import execution_error
 from tools.sample_data import SAMPLES, write_sample_folder
-from tools.workflow_specs import DATASET_PREP, bundled
+from tools.workflow_specs import DATASET_PREP, SAMPLE_FOLDER, bundled
 
 WORKFLOW = bundled(DATASET_PREP)
 
 
+PHOTOS = "dataset_frontend_photos"  # the user's own folder; the template's placeholder stays absent
+
+
 @pytest.fixture(scope="module")
 def ui(comfy):
-    folder = Path(comfy.base_dir) / "input" / "sd35_tuner_sample"
+    folder = Path(comfy.base_dir) / "input" / PHOTOS
     if not folder.exists():
         write_sample_folder(folder)
     with frontend(comfy) as session:
@@ -40,19 +43,23 @@ def widgets(ui, node_type: str) -> dict:
 def test_dataset_prep_loads_and_runs_from_the_frontend(ui, comfy, tmp_path) -> None:
     assert ui.load_workflow(json.loads(WORKFLOW.read_text()), WORKFLOW.name) == []
     load = widgets(ui, "SD35TunerLoadDataset")
-    assert load["folder"] == "sd35_tuner_sample" and load["recursive"] is True and load["background"] == "white"
+    assert load["folder"] == SAMPLE_FOLDER and load["recursive"] is True and load["background"] == "white"
     crop = widgets(ui, "SD35TunerSmartCrop")
     assert crop["mode"] == "face_then_saliency" and crop["resolution"] == 512 and crop["max_upscale"] == 2.0
     caption = widgets(ui, "SD35TunerCaption")
     assert caption["captioner"].startswith("none") and caption["trigger"] == "sd35sample"
 
     target = f"frontend_{uuid.uuid4().hex[:8]}"
-    ui.page.evaluate(
-        """(target) => {
-            const node = window.app.graph.nodes.find((n) => n.type === "SD35TunerSaveDataset");
-            node.widgets.find((w) => w.name === "folder").value = target;
+    ui.page.evaluate(  # as a user does: pick the picture folder, name the output folder
+        """([photos, target]) => {
+            const pick = (type, name, value) => {
+                const node = window.app.graph.nodes.find((n) => n.type === type);
+                node.widgets.find((w) => w.name === name).setValue(value, {node, canvas: window.app.canvas});
+            };
+            pick("SD35TunerLoadDataset", "folder", photos);
+            pick("SD35TunerSaveDataset", "folder", target);
         }""",
-        target,
+        [PHOTOS, target],
     )
     answer = queue_from_frontend(ui)
     entry = comfy.wait(answer["prompt_id"], timeout=300)
@@ -66,8 +73,8 @@ def test_dataset_prep_loads_and_runs_from_the_frontend(ui, comfy, tmp_path) -> N
     )
     reports = ui.page.evaluate(
         """() => Object.fromEntries(window.app.graph.nodes
-            .filter((n) => n.widgets?.some((w) => w.name === "sd35_report"))
-            .map((n) => [n.type, n.widgets.find((w) => w.name === "sd35_report").sd35El.textContent]))"""
+            .filter((n) => n.sd35Report?.root.dataset.ran === "1")
+            .map((n) => [n.type, n.sd35Report.root.textContent]))"""
     )
     assert reports["SD35TunerLoadDataset"].startswith(f"{len(SAMPLES)} image(s) from ")
     assert reports["SD35TunerSmartCrop"].startswith(f"{len(SAMPLES)} of {len(SAMPLES)} image(s) cropped (face: 1")

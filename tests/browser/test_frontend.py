@@ -43,7 +43,7 @@ def test_shared_helpers_are_one_module_the_extensions_use(ui):
         assert "function el(" not in source and "const onExecuted = nodeType" not in source, script
     url = f"/extensions/{PACK_DIR_NAME}/shared/dom.js"
     exports = ui.page.evaluate("async (url) => Object.keys(await import(url)).sort()", url)
-    assert exports == ["addViewWidget", "chainHook", "el"]
+    assert exports == ["addViewWidget", "chainHook", "el", "viewUrl"]
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)

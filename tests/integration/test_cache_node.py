@@ -79,7 +79,6 @@ def graph(comfy, folder: str, cache_name: str, vae: str = paths.SD3_VAE, locatio
                     "clip": ["clip", 0],
                     "cache_name": cache_name,
                     "location": location,
-                    "validation_prompts": opts.get("validation", "a red car\n\na blue boat"),
                     "random_flip": opts.get("flip", False),
                     "tile_above": 0,
                     "batch_size": opts.get("batch_size", 2),
@@ -135,6 +134,17 @@ def item_of(entry: dict) -> DatasetItem:
     )
 
 
+def core_dataset_shard(comfy, folder: str) -> Path:
+    """Core's SaveTrainingDataset shard: in output/ up to ComfyUI 0.3.x, in its own datasets/ folder since."""
+    found = [
+        path
+        for root in ("output", "datasets")
+        if (path := comfy.base_dir / root / folder / "shard_0000.pkl").is_file()
+    ]
+    assert len(found) == 1, f"core's SaveTrainingDataset wrote no single shard_0000.pkl for {folder}: {found}"
+    return found[0]
+
+
 def references(comfy, reader: CacheReader, tag: str) -> list[dict]:
     """Core's MakeTrainingDataset on the same rendered pixels and captions; returns latent/cond/pooled per item."""
     prompt = {
@@ -162,9 +172,7 @@ def references(comfy, reader: CacheReader, tag: str) -> list[dict]:
     out = []
     for i in range(len(reader.items)):
         # core's reference output is a torch.save shard; weights_only=True loads tensors without unpickling code
-        shard = torch.load(
-            comfy.base_dir / "output" / f"sd35cache_ref_{tag}_{i}" / "shard_0000.pkl", weights_only=True
-        )
+        shard = torch.load(core_dataset_shard(comfy, f"sd35cache_ref_{tag}_{i}"), weights_only=True)
         [[cond, extra]] = shard["conditioning"][0]
         out.append({"latent": shard["latents"][0]["samples"][0], "cond": cond, "pooled": extra["pooled_output"]})
     return out
@@ -201,7 +209,7 @@ def other_vaes(comfy) -> dict[str, str]:
 
 def test_cached_entries_equal_comfyui_vae_encode_and_clip_encode(first):
     reader, refs = first["reader"], first["refs"]
-    assert counts(first["summary"]) == {"latents": (3, 0), "texts": (6, 0)}  # 3 captions, "", 2 prompts
+    assert counts(first["summary"]) == {"latents": (3, 0), "texts": (4, 0)}  # 3 captions and ""
     assert "3 items (3 with repeats) in 3 bucket(s): 128x128: 1, 128x64: 1, 64x128: 1" in first["summary"]
     for i, entry in enumerate(reader.items):
         ref = refs[i]
@@ -218,7 +226,6 @@ def test_cached_entries_equal_comfyui_vae_encode_and_clip_encode(first):
         else:
             torch.testing.assert_close(cond, ref["cond"].float(), rtol=0, atol=1e-5)
             torch.testing.assert_close(pooled, ref["pooled"].float(), rtol=0, atol=1e-5)
-    assert [p for p, _, _ in reader.validation_prompts()] == ["a red car", "a blue boat"]
     assert "1 caption(s) longer than 77 tokens were truncated to 77 tokens" in first["summary"]
 
 
@@ -234,14 +241,14 @@ def test_rerun_encodes_nothing_and_caption_edit_encodes_one_text(comfy, dataset_
     folder = comfy.base_dir / "input" / dataset_folder
     os.utime(folder / "coffee.png")  # touched, same bytes: the loader re-runs, the cache finds every key
     entry = comfy.run(graph(comfy, dataset_folder, "sd35cache/main"))
-    assert counts(summary(entry)) == {"latents": (0, 3), "texts": (0, 6)}
+    assert counts(summary(entry)) == {"latents": (0, 3), "texts": (0, 4)}
     (folder / "coffee.txt").write_text("a cup of black coffee on a saucer", encoding="utf-8")
     entry = comfy.run(graph(comfy, dataset_folder, "sd35cache/main"))
-    assert counts(summary(entry)) == {"latents": (0, 3), "texts": (1, 5)}
+    assert counts(summary(entry)) == {"latents": (0, 3), "texts": (1, 3)}
     assert "removed 1 stale entry" in summary(entry)
     (folder / "coffee.txt").write_text(CAPTIONS["coffee"], encoding="utf-8")
     entry = comfy.run(graph(comfy, dataset_folder, "sd35cache/main"))
-    assert counts(summary(entry)) == {"latents": (0, 3), "texts": (1, 5)}
+    assert counts(summary(entry)) == {"latents": (0, 3), "texts": (1, 3)}
 
 
 def test_truncated_shard_is_repaired_on_the_next_run(comfy, dataset_folder, first):
@@ -262,7 +269,7 @@ def test_truncated_shard_is_repaired_on_the_next_run(comfy, dataset_folder, firs
 
 def test_vae_swap_reencodes_every_latent_and_no_text(comfy, dataset_folder, first, other_vaes):
     entry = comfy.run(graph(comfy, dataset_folder, "sd35cache/main", vae=other_vaes["other"]))
-    assert counts(summary(entry)) == {"latents": (3, 0), "texts": (0, 6)}
+    assert counts(summary(entry)) == {"latents": (3, 0), "texts": (0, 4)}
     reader = CacheReader(comfy.base_dir / "output" / "sd35cache" / "main")
     assert not torch.allclose(raw_latent(reader, 0), first["refs"][0]["latent"].float(), atol=1e-3)
 
@@ -323,7 +330,7 @@ def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, 
     )
     victim.start()
     try:
-        victim.queue(graph(comfy, "sd35cache_kill", "sd35cache/killed", batch_size=1, validation=""))
+        victim.queue(graph(comfy, "sd35cache_kill", "sd35cache/killed", batch_size=1))
         deadline = time.monotonic() + 300
         while not list((cache / "latents").rglob("*.safetensors")):  # the 128x64 bucket (coffee) is done first
             assert time.monotonic() < deadline, "the first latent shard never appeared"
@@ -335,7 +342,7 @@ def test_server_killed_mid_run_then_rerun_gives_a_complete_correct_cache(comfy, 
         victim.stop()
     with pytest.raises(ValueError, match="incomplete"):
         CacheReader(cache)
-    entry = comfy.run(graph(comfy, "sd35cache_kill", "sd35cache/killed", batch_size=1, validation=""))
+    entry = comfy.run(graph(comfy, "sd35cache_kill", "sd35cache/killed", batch_size=1))
     latents, texts = counts(summary(entry))["latents"], counts(summary(entry))["texts"]
     assert latents[1] >= 1 and latents[0] >= 1 and sum(latents) == 5 and texts == (0, 3), summary(entry)
     resumed = CacheReader(cache)
@@ -359,7 +366,7 @@ def test_cancel_mid_run_keeps_whole_shards_and_the_rerun_completes(comfy):
     specs.update({f"astronaut_{i}": ((128 + 8 * i, 128), f"astronaut {i}") for i in range(4)})
     write_images(comfy.base_dir / "input" / "sd35cache_cancel", specs)
     cache = comfy.base_dir / "output" / "sd35cache" / "cancelled"
-    prompt_id = comfy.queue(graph(comfy, "sd35cache_cancel", "sd35cache/cancelled", batch_size=1, validation=""))
+    prompt_id = comfy.queue(graph(comfy, "sd35cache_cancel", "sd35cache/cancelled", batch_size=1))
     deadline = time.monotonic() + 300
     while not list((cache / "latents").rglob("*.safetensors")):
         assert time.monotonic() < deadline, "the first latent shard never appeared"
@@ -369,7 +376,7 @@ def test_cancel_mid_run_keeps_whole_shards_and_the_rerun_completes(comfy):
     assert "execution_interrupted" in [kind for kind, _ in entry["status"]["messages"]]
     with pytest.raises(ValueError, match="incomplete"):
         CacheReader(cache)
-    entry = comfy.run(graph(comfy, "sd35cache_cancel", "sd35cache/cancelled", batch_size=1, validation=""))
+    entry = comfy.run(graph(comfy, "sd35cache_cancel", "sd35cache/cancelled", batch_size=1))
     latents = counts(summary(entry))["latents"]
     assert latents[1] >= 1 and sum(latents) == 5 and counts(summary(entry))["texts"] == (0, 6), summary(entry)
     verify(CacheReader(cache), deep=True)
@@ -401,7 +408,7 @@ def test_a_crafted_index_cannot_touch_files_outside_the_cache(comfy, dataset_fol
     # the two planted entries, and the file the planted link exposes to the folder scan
     assert "refused 3 index entries (left untouched)" in text and "'../../../victims/victim.safetensors'" in text
     assert "'latents/evil/128x128/v.safetensors' resolves to" in text and "'latents/evil/victim.safetensors'" in text
-    assert counts(text) == {"latents": (0, 3), "texts": (0, 6)}
+    assert counts(text) == {"latents": (0, 3), "texts": (0, 4)}
     verify(CacheReader(cache), deep=True)
 
 
@@ -413,7 +420,7 @@ def test_a_cache_deleted_while_comfyui_runs_is_rebuilt_on_the_next_queue(comfy, 
     verify(CacheReader(cache), deep=True)
     (cache / "index.json").unlink()
     text = summary(comfy.run(graph(comfy, dataset_folder, "sd35cache/deleted")))
-    assert counts(text) == {"latents": (0, 3), "texts": (0, 6)}  # rebuilt from the shards it found
+    assert counts(text) == {"latents": (0, 3), "texts": (0, 4)}  # rebuilt from the shards it found
     verify(CacheReader(cache), deep=True)
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import time
 import uuid
 from pathlib import Path
@@ -130,15 +129,19 @@ def test_images_smaller_than_every_bucket_fail_with_the_file_named_and_no_output
     assert not (Path(comfy.base_dir) / "output" / folder).exists()
 
 
-def test_saving_twice_refuses_to_overwrite(comfy, sample: Path) -> None:
+def test_saving_again_after_a_change_writes_a_new_version_and_keeps_the_first(comfy, sample: Path) -> None:
     folder = unique("twice")
-    comfy.run(workflow_prompt(comfy, folder), timeout=300)
+    first = comfy.run(workflow_prompt(comfy, folder), timeout=300)
     out = Path(comfy.base_dir) / "output" / folder
     before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     again = workflow_prompt(comfy, folder)
     node_of(again, "SD35TunerCaption")["inputs"]["trigger"] = "edited"  # a changed graph re-runs the save node
-    assert re.search("already holds .*enable overwrite", run_error(comfy, again))
+    save_id = next(k for k, n in again.items() if n["class_type"] == "SD35TunerSaveDataset")
+    second = comfy.run(again, timeout=300)
+    assert second["outputs"][save_id]["text"] == [f"{len(before) // 2} image(s) saved to {out}_2"]
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert all(t.read_text().startswith("edited") for t in Path(f"{out}_2").glob("*.txt"))
+    assert first["outputs"][save_id]["text"][0].endswith(str(out))
 
 
 def test_any_image_batch_becomes_a_dataset(comfy) -> None:
@@ -163,7 +166,7 @@ def test_any_image_batch_becomes_a_dataset(comfy) -> None:
         },
         "4": {
             "class_type": "SD35TunerSaveDataset",
-            "inputs": {"dataset": ["3", 0], "folder": folder, "image_format": "jpg", "overwrite": False},
+            "inputs": {"dataset": ["3", 0], "folder": folder, "image_format": "jpg", "if_exists": "stop"},
         },
     }
     comfy.run(prompt, timeout=120)

@@ -84,26 +84,33 @@ CHECKS = [  # our validate_inputs, through the library check of each concern
     ("SD35TunerSaveDataset", "folder", "../escape", "may not contain '..'"),
     ("SD35TunerSaveDataset", "folder", "/tmp/escape", "not absolute"),
     ("SD35TunerSmartCrop", "buckets", "1024x1000", "multiples of 64"),
+    ("SD35TunerSaveDataset", "if_exists", "replace", "if_exists must be one of ['new version', 'overwrite', 'stop']"),
+    ("SD35TunerSaveDataset", "if_exists", "stop", "exists already and if_exists is 'stop'"),
     ("SD35TunerCaption", "captioner", "missing-captioner", "missing-captioner"),
     ("SD35TunerCacheLatents", "cache_name", "../outside", "may not contain '..'"),
     ("SD35TunerCacheLatents", "location", "home", "must be one of ['output', 'temp']"),
     ("SD35TunerTrainSettings", "blocks", "12-x", "block indices like '12-24,30'"),
     ("SD35TunerTrainLora", "lora_name", "../escape", "not a plain file name"),
     ("SD35TunerTrainLora", "resume", True, "no checkpoint of 'never_trained'"),
+    ("SD35TunerTrainLora", "validation_cfg", math.nan, "validation_cfg must be a finite number"),
+    ("SD35TunerTrainLora", "apg_momentum", -2.0, "apg_momentum must be between -0.99 and 0.99"),
     ("SD35TunerAPG", "eta", math.nan, "eta must be a finite number"),
     ("SD35TunerAPGGuider", "momentum", math.inf, "momentum must be a finite number"),
+    ("SD35TunerAPGGuider", "cfg", math.nan, "cfg must be a finite number"),
     ("SD35TunerCompareCFGAPG", "norm_threshold", -1.0, "norm_threshold must be between 0 and 1000"),
     ("SD35TunerAPG", "window_start", 0.8, "window_start (0.8) is after window_end"),
 ]
 EXTRA = {  # the other values a case needs
     ("SD35TunerTrainLora", "resume"): {"lora_name": "never_trained"},
     ("SD35TunerAPG", "window_start"): {"window_end": 0.5},
+    ("SD35TunerSaveDataset", "if_exists"): {"folder": FOLDER},  # output/validation_sample exists (fixture)
 }
 
 
 @pytest.fixture(scope="module", autouse=True)
 def sample_folder(comfy) -> None:
-    (Path(comfy.base_dir) / "input" / FOLDER).mkdir(parents=True, exist_ok=True)
+    for base in ("input", "output"):
+        (Path(comfy.base_dir) / base / FOLDER).mkdir(parents=True, exist_ok=True)
 
 
 @pytest.mark.parametrize(("class_type", "field", "value", "allowed"), CHOICES + RANGES)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
 import time
 import uuid
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 from safetensors import safe_open
 
 from tests.integration.test_train_workflow import sample_photos
@@ -45,7 +49,6 @@ def base_prompt(comfy) -> dict:
             vae=["3", 0],
             clip=["4", 0],
             cache_name=f"sd35_cache/{folder}",
-            validation_prompts="a tabby cat",
         ),
         "6": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": paths.SD3_CHECKPOINT}},
         "7": _node(
@@ -55,7 +58,6 @@ def base_prompt(comfy) -> dict:
             save_dtype="fp32",
             gradient_checkpointing=False,
             checkpoint_every=2,
-            validation_steps=2,
         ),
         "8": _node(
             info,
@@ -67,9 +69,52 @@ def base_prompt(comfy) -> dict:
             rank=4,
             alpha=8.0,
             quantization="none",
+            validation_steps=2,
             settings=["7", 0],
         ),
     }
+
+
+class Events:
+    """Our trainer's websocket events (``sd35tuner.train.*``) sent to the test client, in order of arrival."""
+
+    def __init__(self, comfy) -> None:
+        import websocket
+
+        self.ws = websocket.create_connection(f"ws://127.0.0.1:{comfy.port}/ws?clientId={comfy.client_id}")
+        self.seen: list[tuple[str, dict]] = []
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                message = self.ws.recv()
+            except Exception:  # closed
+                return
+            if isinstance(message, str) and (event := json.loads(message))["type"].startswith("sd35tuner.train."):
+                self.seen.append((event["type"].removeprefix("sd35tuner.train."), event["data"]))
+
+    def since(self, mark: int, kind: str) -> list[dict]:
+        return [data for name, data in self.seen[mark:] if name == kind]
+
+    def wait_for(self, mark: int, kind: str, timeout: float = 300) -> dict:
+        deadline = time.monotonic() + timeout
+        while not self.since(mark, kind):
+            assert time.monotonic() < deadline, f"no {kind} event"
+            time.sleep(0.05)
+        return self.since(mark, kind)[0]
+
+
+@pytest.fixture(scope="module")
+def events(comfy):
+    watcher = Events(comfy)
+    yield watcher
+    watcher.ws.close()
+
+
+def _pixels(comfy, image: dict) -> np.ndarray:
+    return np.asarray(Image.open(Path(comfy.base_dir) / image["type"] / image["subfolder"] / image["filename"]))
 
 
 def _loras(comfy) -> set[str]:
@@ -97,11 +142,14 @@ def test_without_a_settings_node_the_trainer_uses_the_defaults_that_node_shows(c
     assert {**shown, "base_dtype": "fp32"} == {k: used[k] for k in shown}  # auto is fp32 on this CPU
 
 
-def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, base_prompt):
+def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, base_prompt, events):
     name = f"node_{uuid.uuid4().hex[:6]}"
     loras = comfy.base_dir / "models" / "loras"
     (loras / f"{name}.safetensors").write_bytes(b"an older LoRA with the same name")
-    prompt = _prompt(base_prompt, name, vae=["3", 0], model=["6", 0], class_cache=["5", 0])
+    validation = {"validation_prompts": "a tabby cat\n\n  a red car ", "validation_every": 2, "clip": ["4", 0]}
+    prompt = _prompt(
+        base_prompt, name, vae=["3", 0], model=["6", 0], class_cache=["5", 0], memory_preset="auto", **validation
+    )
     prompt["9"] = {"class_type": "EmptySD3LatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}}
     prompt["10"] = {"class_type": "CLIPTextEncode", "inputs": {"text": "a tabby cat", "clip": ["4", 0]}}
     prompt["11"] = {
@@ -120,12 +168,21 @@ def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, ba
         },
     }
     prompt["12"] = {"class_type": "SaveLatent", "inputs": {"samples": ["11", 0], "filename_prefix": f"latents/{name}"}}
+    mark = len(events.seen)
     entry = comfy.run(prompt, timeout=600)
 
     panel = entry["outputs"]["8"]
+    grids = events.since(mark, "validation")  # every grid reaches the node as it is made, labelled
+    assert [g["step"] for g in grids] == [2, 4] and all(g["prompts"] == ["a tabby cat", "a red car"] for g in grids)
+    assert grids[0]["rows"] == ["CFG w=4", "APG w=4 eta=0 r=15 (scaled) beta=-0.5"]
+    assert np.array_equal(_pixels(comfy, grids[-1]["image"]), _pixels(comfy, panel["images"][0]))  # = the output
+    validating = events.since(mark, "validating")
+    assert {v["step"] for v in validating} == {2, 4} and validating[-1]["done"] == validating[-1]["of"] == 2 * 2
     assert panel["lora_name"] == [f"{name}_2.safetensors"]
     assert len(panel["losses"]) == 4 and all(isinstance(v, float) for v in panel["losses"])
     assert panel["images"], "the node shows the validation grid"
+    assert panel["memory"][0] == "memory_preset auto: no GPU (cpu), the settings are used as set"
+    assert panel["memory"][1].startswith("memory: needs ~")  # the pre-flight's verdict, shown in the node
     assert (loras / f"{name}.safetensors").read_bytes() == b"an older LoRA with the same name"
     with safe_open(str(loras / f"{name}_2.safetensors"), "pt") as f:
         keys, meta = list(f.keys()), f.metadata()
@@ -135,8 +192,8 @@ def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, ba
     assert json.loads(meta["sd35_tuner.config"])["prior_loss_weight"] == 1.0
     run_dir = comfy.base_dir / "output" / "sd35_tuner_runs" / name
     assert sorted(p.name for p in run_dir.glob("checkpoint-*")) == ["checkpoint-000002", "checkpoint-000004"]
-    assert len(list((run_dir / "validation").glob("*_cfg_*.png"))) == 1
-    assert len(list((run_dir / "validation").glob("*_apg_*.png"))) == 1
+    assert len(list((run_dir / "validation").glob("*_cfg_*.png"))) == 2 * 2  # 2 validations x 2 prompts
+    assert len(list((run_dir / "validation").glob("*_apg_*.png"))) == 2 * 2
     assert comfy.output_files(entry, "12", "latents")[0].is_file()  # the returned MODEL samples
 
 
@@ -149,7 +206,7 @@ def test_training_node_writes_a_versioned_lora_and_returns_its_outputs(comfy, ba
         ({"learning_rate": 1.0, "steps": 20, "preset": "all_linear"}, "try a lower learning rate or max_grad_norm"),
     ],
 )
-def test_bad_runs_fail_with_a_clear_message_and_write_no_lora(comfy, base_prompt, change, message):
+def test_bad_runs_fail_with_a_clear_message_and_write_no_lora(comfy, base_prompt, events, change, message):
     import torch
     from safetensors.torch import save_file
 
@@ -159,18 +216,24 @@ def test_bad_runs_fail_with_a_clear_message_and_write_no_lora(comfy, base_prompt
     before = _loras(comfy)
     prompt = _prompt(base_prompt, f"bad_{uuid.uuid4().hex[:6]}", **change)
     prompt["7"]["inputs"].update(max_grad_norm=0.0, base_dtype="fp16")
+    mark = len(events.seen)
     entry = comfy.wait(comfy.queue(prompt), timeout=600)
     error = execution_error(entry)
     assert error is not None and message in error["exception_message"], error
     assert _loras(comfy) == before
+    (stopped,) = events.since(mark, "stopped")  # the node says it failed, why, and what a resume would use
+    assert stopped["reason"] == "failed" and message in stopped["message"]
+    saved = stopped["checkpoint"]  # checkpoint_every=2: a run that failed after step 2 has one to resume from
+    assert f"output/{saved}" in stopped["message"] if saved else "No checkpoint was written" in stopped["message"]
 
 
-def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(comfy, base_prompt):
+def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(comfy, base_prompt, events):
     name = f"cancel_{uuid.uuid4().hex[:6]}"
     run_dir = comfy.base_dir / "output" / "sd35_tuner_runs" / name
     before = _loras(comfy)
     prompt = _prompt(base_prompt, name, steps=100_000)
     prompt["7"]["inputs"].update(checkpoint_every=1, keep_checkpoints=2)
+    mark = len(events.seen)
     prompt_id = comfy.queue(prompt)
     deadline = time.monotonic() + 300
     while not list(run_dir.glob("checkpoint-*")):  # training has started and finished a step
@@ -184,6 +247,10 @@ def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(comfy, base_promp
     kept = sorted(run_dir.glob("checkpoint-*"))
     stopped_at = int(kept[-1].name.split("-")[1])
     assert 1 <= len(kept) <= 2 and stopped_at >= 1
+    (stopped,) = events.since(mark, "stopped")  # the node says where the checkpoint is and how to resume
+    assert stopped["reason"] == "cancelled" and stopped["checkpoint"] == f"sd35_tuner_runs/{name}/{kept[-1].name}"
+    assert f"output/sd35_tuner_runs/{name}/{kept[-1].name}" in stopped["message"]
+    assert f"tick 'resume' with lora_name '{name}'" in stopped["message"]
 
     resumed = _prompt(base_prompt, name, steps=stopped_at + 2)
     resumed["7"]["inputs"].update(checkpoint_every=1, keep_checkpoints=2)
@@ -191,3 +258,20 @@ def test_cancel_keeps_a_checkpoint_and_resume_finishes_the_run(comfy, base_promp
     panel = comfy.run(resumed, timeout=600)["outputs"]["8"]
     assert len(panel["losses"]) == stopped_at + 2  # the losses before the cancel came back from the checkpoint
     assert panel["lora_name"] == [f"{name}.safetensors"]
+
+
+def test_cancel_is_noticed_between_validation_samples(comfy, base_prompt, events):
+    name = f"cancel_validation_{uuid.uuid4().hex[:6]}"
+    validation = {"validation_prompts": "a tabby cat", "validation_steps": 200, "clip": ["4", 0], "vae": ["3", 0]}
+    prompt = _prompt(base_prompt, name, steps=100_000, validation_every=1, **validation)
+    mark = len(events.seen)
+    prompt_id = comfy.queue(prompt)
+    while not [v for v in events.since(mark, "validating") if v["done"] >= 1]:  # sampling has started
+        events.wait_for(mark, "validating")
+        time.sleep(0.05)
+    comfy.interrupt()
+    entry = comfy.wait(prompt_id, timeout=300)
+    assert any(kind == "execution_interrupted" for kind, _ in entry["status"]["messages"])
+    (stopped,) = events.since(mark, "stopped")
+    assert stopped["reason"] == "cancelled" and stopped["step"] == 1
+    assert events.since(mark, "validation") == []  # stopped inside the first validation, before its grid

@@ -32,8 +32,16 @@ def ci_prompt(comfy, lora_name: str) -> dict:
     set_inputs(prompt, "SD35TunerLoadDataset", folder=folder)
     set_inputs(prompt, "SD35TunerSmartCrop", resolution=256)
     set_inputs(prompt, "SD35TunerCacheLatents", cache_name=f"sd35_cache/{folder}")
-    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32", validation_every=0, validation_steps=2)
-    set_inputs(prompt, "SD35TunerTrainLora", steps=2, quantization="none", lora_name=lora_name)
+    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32")
+    set_inputs(
+        prompt,
+        "SD35TunerTrainLora",
+        steps=2,
+        quantization="none",
+        lora_name=lora_name,
+        validation_every=0,
+        validation_steps=2,
+    )
     set_inputs(prompt, "KSampler", steps=2)
     set_inputs(prompt, "SaveImage", filename_prefix=lora_name)
     return prompt

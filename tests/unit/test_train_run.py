@@ -82,3 +82,31 @@ def test_loss_chart_draws_the_curve():
     assert xs.min() < 80 and xs.max() > 280  # spans the plot
     assert ys[xs.argmin()] < ys[xs.argmax()]  # falling loss: left end higher on screen (smaller y)
     assert loss_chart([]).shape == (256, 512, 3)
+
+
+def test_validation_reports_each_evaluation_and_a_cancel_there_keeps_the_step_for_resume(tmp_path):
+    cfg = TrainConfig(
+        steps=4, batch_size=1, learning_rate=1e-3, rank=2, alpha=4, validation_every=2, validation_steps=2
+    )
+    calls, resumed = [], False
+
+    class Cancel(Exception):
+        pass
+
+    def on_validation(step: int, done: int, total: int) -> None:
+        calls.append((step, done, total))
+        if step == 4 and done == 1 and not resumed:
+            raise Cancel
+
+    lora, work = tmp_path / "x.safetensors", tmp_path / "run"
+    with pytest.raises(Cancel):
+        run_training(SD35, _source(), cfg, lora, work, on_validation=on_validation)
+    # CFG and APG, 2 sampler steps each: 4 evaluations per validation, announced with 0 first
+    assert calls == [(2, i, 4) for i in range(5)] + [(4, 0, 4), (4, 1, 4)]
+    assert not lora.exists() and (work / "checkpoint-000004").is_dir()  # the cancelled run's last step is kept
+    calls.clear()
+    resumed = True
+    out = run_training(SD35, _source(), cfg, lora, work, resume=True, on_validation=on_validation)
+    assert out.resumed_from == work / "checkpoint-000004" and not out.damaged
+    assert len(out.losses) == 4 and lora.is_file()
+    assert calls == [(4, i, 4) for i in range(5)]  # the interrupted final samples are made after all

@@ -128,3 +128,13 @@ def test_every_model_file_carries_its_folder_for_the_missing_models_dialog(path)
         for entry in entries.values():
             assert entry["directory"] in {"checkpoints", "diffusion_models", "text_encoders", "vae", "loras"}
             assert entry["url"].startswith("https://huggingface.co/") and entry["url"].endswith(entry["name"])
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_node_names_its_pack(path):
+    """With ``cnr_id`` set the frontend knows each node's pack; without it, it asks the registry node by node."""
+    for node in load(path)["nodes"]:
+        if node["type"] in NOTES:
+            continue
+        pack = node.get("properties", {}).get("cnr_id")
+        assert pack == ("sd35-tuner" if node["type"].startswith("SD35Tuner") else "comfy-core"), node["type"]

@@ -331,11 +331,13 @@ def build_cache(
         out = _ShardWriter(shards, body, shard_bytes)
         encoders = (latent_encoder, text_encoder)
         encoded = _encode_missing(plan, shards, out, encoders, render, batch_size, progress, work)
-        shards.write_index(body)  # marked incomplete while shards are deleted or rewritten, in case of a kill
-        stale = shards.collect_garbage(set(plan.latents), set(plan.texts))
+        live = set(plan.latents), set(plan.texts)
+        if shards.garbage(*live):
+            shards.write_index(body)  # marked incomplete while shards are deleted or rewritten, in case of a kill
+        stale = shards.collect_garbage(*live)
         fields, report = _complete_index(plan, shards, old, encoded)
         body.update(fields)
-        shards.write_index(body)
+        shards.write_index(body, unless_equal=old)  # nothing changed: no write, no fsync
     if report.truncated:
         logger.warning("SD3.5 Tuner cache: %d caption(s) truncated to %d tokens", len(report.truncated), MAX_TOKENS)
     for name in ("latents_encoded", "latents_reused", "texts_encoded", "texts_reused", "images_hashed"):

@@ -82,7 +82,8 @@ class ShardSet:
             target[key] = rel
         return rel
 
-    def write_index(self, body: dict[str, Any]) -> None:
+    def write_index(self, body: dict[str, Any], unless_equal: dict[str, Any] | None = None) -> None:
+        """Write the index atomically; not at all if it would equal ``unless_equal`` (an unchanged cache)."""
         data = {
             "format": store.FORMAT_NAME,
             "version": store.FORMAT_VERSION,
@@ -91,6 +92,8 @@ class ShardSet:
             "latents": self.latents,
             "texts": self.texts,
         }
+        if data == unless_equal:
+            return
         try:
             store.write_json(self.dir / store.INDEX_NAME, data)
         except OSError as err:
@@ -99,18 +102,26 @@ class ShardSet:
     def text_len(self, key: str) -> int:
         return int(self.shapes[self.texts[key]][f"{key}.cond"][0])
 
+    def garbage(self, live_latents: set[str], live_texts: set[str]) -> list[tuple[str, list[str], list[str]]]:
+        """(shard, its keys, the stale ones) of every shard holding stale entries, or only duplicates of
+        entries held by other shards."""
+        found = []
+        for rel, rec in self.shards.items():
+            entries, live = (self.latents, live_latents) if rec["kind"] == "latent" else (self.texts, live_texts)
+            keys = [k for k, r in entries.items() if r == rel]
+            stale = [k for k in keys if k not in live]
+            if stale or not keys:
+                found.append((rel, keys, stale))
+        return found
+
     def collect_garbage(self, live_latents: set[str], live_texts: set[str]) -> int:
         """Delete entries no item refers to: whole shards are removed, mixed shards rewritten with live entries."""
         from safetensors.torch import load_file
 
         removed = 0
-        for rel in list(self.shards):
+        for rel, keys, stale in self.garbage(live_latents, live_texts):
             kind = self.shards[rel]["kind"]
             entries, live = (self.latents, live_latents) if kind == "latent" else (self.texts, live_texts)
-            keys = [k for k, r in entries.items() if r == rel]
-            stale = [k for k in keys if k not in live]
-            if keys and not stale:
-                continue  # else: stale entries, or only duplicates of entries held by other shards
             removed += len(stale)
             for k in stale:
                 del entries[k]

@@ -71,8 +71,7 @@ def check_writable(cache_dir: Path) -> None:
     """Create the folder and prove it is writable before any work; CacheWriteError otherwise."""
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        fs.atomic_write_bytes(cache_dir / ".probe", b"")
-        (cache_dir / ".probe").unlink()
+        fs.probe_writable(cache_dir)
     except OSError as err:
         raise write_error(cache_dir, err) from err
 

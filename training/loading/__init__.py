@@ -13,6 +13,7 @@ import json
 import math
 import os
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +26,35 @@ from .sources import ModelLoadError, SafetensorsFile, StateDictSource, TensorSou
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+
+@dataclass
+class InMemoryBase:
+    """A base model already in memory (e.g. a ComfyUI MODEL's diffusion model): bare MMDiT keys, plus
+    header-style metadata such as ``_quantization_metadata``. Loading it shares its tensors."""
+
+    state: dict[str, torch.Tensor]
+    name: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def base_name(base) -> str:
+    """What to call a base in logs and in the LoRA's metadata: its file name, or the in-memory name."""
+    return base.name if isinstance(base, InMemoryBase) else Path(base).name
+
+
 __all__ = [
     "DTYPES",
     "QUANT",
     "STABILITY_PREFIX",
+    "InMemoryBase",
     "ModelLoadError",
+    "base_name",
     "config_from_state_dict",
     "detect_family",
     "load_base",
     "load_from_state_dict",
     "load_transformer",
+    "read_config",
     "quantize_base",
 ]
 
@@ -77,7 +97,7 @@ def _check_dtype(dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def _load_folder(path: Path, dtype: torch.dtype, quantization: str, device):
+def _load_folder(path: Path, dtype: torch.dtype, quantization: str, device, blocks_device):
     from diffusers import SD3Transformer2DModel
 
     folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
@@ -87,7 +107,7 @@ def _load_folder(path: Path, dtype: torch.dtype, quantization: str, device):
     if config.get("_class_name") not in (None, "SD3Transformer2DModel"):
         raise ModelLoadError(f"{folder / 'config.json'} describes a {config['_class_name']}, not an SD3 transformer")
     model = SD3Transformer2DModel.from_pretrained(folder, torch_dtype=dtype, local_files_only=True)
-    model = model.to(device).eval().requires_grad_(False)
+    model = model.to(blocks_device or device).eval().requires_grad_(False)  # offload: the caller moves the rest
     quantize_base(model, quantization)
     return model
 
@@ -108,6 +128,7 @@ def load_base(
     quantization: str = "none",
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    blocks_device: str | torch.device | None = None,
 ):
     """Load an SD3 / SD3.5 transformer, frozen, its blocks quantised as asked, without any download.
 
@@ -115,7 +136,13 @@ def load_base(
     VAE / text encoders; diffusers keys; ComfyUI fp8 scaled or per-layer fp8; plain fp8; ComfyUI-GGUF
     ``.gguf``), a diffusers model folder or a pipeline folder with ``transformer/``. ``dtype``: ``fp32``,
     ``bf16`` or ``fp16`` for the frozen weights. ``quantization``: ``none``, ``int8``, ``int4``, ``fp8``.
+    An ``InMemoryBase`` is built from its tensors, sharing those that need no conversion. With
+    ``blocks_device`` (block offload: ``"cpu"``) each joint block goes there once built on ``device``.
     """
+    if isinstance(path, InMemoryBase):
+        src = StateDictSource(path.state, path.name, path.metadata)
+        layout = plan(src, config_from_shapes)
+        return build(src, layout, _check_dtype(dtype), quantization, device, progress, blocks_device)
     torch_dtype = _check_dtype(dtype)
     if quantization not in QUANT:
         raise ValueError(f"quantization must be one of {QUANT}, got {quantization!r}")
@@ -123,9 +150,9 @@ def load_base(
     if not path.exists():
         raise ModelLoadError(f"base model {path} does not exist; put an SD3 / SD3.5 checkpoint there")
     if path.is_dir():
-        return _load_folder(path, torch_dtype, quantization, device)
+        return _load_folder(path, torch_dtype, quantization, device, blocks_device)
     src = open_source(path)
-    return build(src, plan(src, config_from_shapes), torch_dtype, quantization, device, progress)
+    return build(src, plan(src, config_from_shapes), torch_dtype, quantization, device, progress, blocks_device)
 
 
 def load_from_state_dict(
@@ -141,6 +168,21 @@ def load_from_state_dict(
     torch_dtype = _check_dtype(dtype)
     src = StateDictSource(state, name)
     return build(src, plan(src, config_from_shapes), torch_dtype, quantization, device, progress)
+
+
+def read_config(base) -> dict[str, Any]:
+    """The ``SD3Transformer2DModel`` config of a base (file, folder or ``InMemoryBase``) from its header
+    or shapes alone: no weight is read, so a memory check can run before loading."""
+    if isinstance(base, InMemoryBase):
+        src = StateDictSource(base.state, base.name, base.metadata)
+    else:
+        path = Path(base)
+        if path.is_dir():
+            folder = path / "transformer" if (path / "transformer" / "config.json").exists() else path
+            config = json.loads((folder / "config.json").read_text())
+            return {k: v for k, v in config.items() if not k.startswith("_")}
+        src = open_source(path)
+    return plan(src, config_from_shapes).config
 
 
 def load_transformer(path: str | os.PathLike, dtype: str = "fp32"):

@@ -21,7 +21,7 @@ from . import mmdit
 from .formats import FP8, Plan, dequantize
 from .quantize import quantize_linear
 from .selfcheck import explain, weight_problem
-from .sources import ModelLoadError, TensorSource
+from .sources import ModelLoadError, StateDictSource, TensorSource
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
@@ -79,8 +79,10 @@ def build(
     quantization: str = "none",
     device: str | torch.device = "cpu",
     progress: Progress | None = None,
+    blocks_device: str | torch.device | None = None,
 ):
-    """The transformer of ``plan`` from ``src``, in ``dtype`` on ``device``, its blocks quantised."""
+    """The transformer of ``plan`` from ``src``, in ``dtype`` on ``device``, its blocks quantised; each
+    joint block moves to ``blocks_device`` once built when given (block offload keeps them in RAM)."""
     from diffusers import SD3Transformer2DModel
 
     device = torch.device(device)
@@ -89,15 +91,19 @@ def build(
         model = SD3Transformer2DModel(**plan.config)
     groups = _groups(src, plan)
     problems: list[str] = []
+    shared = total = 0
     for done, (prefix, entries) in enumerate(groups):
         for entry in entries:
-            _load_entry(model, src, plan, entry, dtype, device, quantization if prefix else "none", problems)
+            counts = _load_entry(model, src, plan, entry, dtype, device, quantization if prefix else "none", problems)
+            shared, total = shared + counts[0], total + counts[1]
         if problems:
             raise ModelLoadError(explain(src.name, problems))
         if src.name.endswith(".gguf"):
             from .gguf import to_gguf_linears
 
             to_gguf_linears(model.get_submodule(prefix[:-1]) if prefix else model, dtype)
+        if prefix and blocks_device is not None:
+            model.get_submodule(prefix[:-1]).to(blocks_device)
         trim_heap()
         if progress is not None:
             progress(done + 1, len(groups))
@@ -105,14 +111,24 @@ def build(
     if left:
         raise ModelLoadError(f"{src.name}: tensor {left[0]!r} of the SD3 transformer is missing ({len(left)} missing)")
     trim_heap()
+    if isinstance(src, StateDictSource):
+        logger.info(
+            "%s: %d of %d weight tensors shared with it, not copied (%s)", src.name, shared, total, plan.description
+        )
     return model.eval().requires_grad_(False)
 
 
-def _load_entry(model, src, plan, entry, dtype, device, quantization: str, problems: list[str]) -> None:
+def _load_entry(model, src, plan, entry, dtype, device, quantization: str, problems: list[str]) -> tuple[int, int]:
     """Read one source tensor, assign its diffusers tensor(s), check them, and quantise each Linear whose
     weight just arrived, so at most one layer's float weight exists besides the quantised model."""
     tensor = _read(src, plan, entry.source, dtype, device)
+    shared = total = 0
+    origin = (
+        src.get(plan.prefix + entry.source).untyped_storage().data_ptr() if isinstance(src, StateDictSource) else None
+    )
     for key, value in mmdit.convert(entry, tensor).items():
+        total += 1
+        shared += value.untyped_storage().data_ptr() == origin
         _assign(model, key, value, src.name)
         if value.ndim == 2 and key.endswith(".weight") and (problem := _check(key, value)):
             problems.append(problem)
@@ -125,6 +141,7 @@ def _load_entry(model, src, plan, entry, dtype, device, quantization: str, probl
             quantize_linear(model, module_name, quantization)
     del tensor
     _release(src, [plan.prefix + entry.source], quantization)
+    return shared, total
 
 
 def _check(key: str, value: torch.Tensor) -> str | None:

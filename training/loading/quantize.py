@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-QUANT = ("none", "int8", "int4", "fp8")
+from ..options import QUANTIZATION as QUANT
+
 _EXCLUDE = ["pos_embed*", "time_text_embed*", "context_embedder", "norm_out*", "proj_out"]
 
 

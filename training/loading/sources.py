@@ -117,4 +117,13 @@ class StateDictSource:
         return self._state[key].dtype
 
     def get(self, key: str) -> torch.Tensor:
-        return self._state[key]
+        tensor = self._state[key]
+        return _normal_alias(tensor) if tensor.is_inference() else tensor
+
+
+def _normal_alias(tensor: torch.Tensor) -> torch.Tensor:
+    """A normal tensor over an inference tensor's memory (ComfyUI loads models under inference_mode, and
+    autograd refuses to save inference tensors for backward): same storage, no copy."""
+    with torch.inference_mode(False), torch.no_grad():
+        alias = torch.empty(0, dtype=tensor.dtype, device=tensor.device)
+        return alias.set_(tensor.untyped_storage(), tensor.storage_offset(), tensor.shape, tensor.stride())

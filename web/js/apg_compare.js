@@ -2,19 +2,13 @@
 // split (CFG left, APG right) and a button that cycles split / CFG only / APG only. After a sweep
 // (mode "sweep"), two pickers choose which CFG scale and which APG scale are stacked; they start on
 // the highest CFG scale and the APG scale whose guidance update is closest in size (equal strength).
-import { addViewWidget, chainHook, el } from "./shared/dom.js";
+import { addViewWidget, chainHook, el, viewUrl } from "./shared/dom.js";
 
 const { app } = window.comfyAPI.app;
-const { api } = window.comfyAPI.api;
 
 const NODE = "SD35TunerCompareCFGAPG";
 const UI_KEY = "sd35_apg_compare";
 const MODES = ["split", "cfg", "apg"];
-
-function viewUrl(item) {
-  const query = new URLSearchParams({ filename: item.filename, subfolder: item.subfolder ?? "", type: item.type ?? "temp" });
-  return api.apiURL(`/view?${query}`);
-}
 
 function cellText(cell) {
   return `${cell.guidance} w=${cell.scale}: saturation ${cell.saturation.toFixed(3)}, brightness ${cell.brightness.toFixed(3)}, update ${cell.update.toFixed(3)}`;
@@ -82,14 +76,18 @@ function buildViewer() {
 
   // the frame is fitted to the picture's aspect ratio, so slider percentages are percentages of the picture
   const stage = el("div", { flex: "1 1 auto", minHeight: "64px", overflow: "hidden", display: "flex", alignItems: "center", justifyContent: "center" });
-  const frame = el("div", { position: "relative", width: "100%", height: "100%" });
+  const frame = el("div", { position: "relative", width: "100%", height: "100%", display: "none" });
   frame.className = "sd35-apg-frame";
+  // before the first run: what will appear here, instead of two empty pictures
+  const placeholder = el("div", { padding: "12px", textAlign: "center", fontSize: "12px", color: "#999" });
+  placeholder.className = "sd35-apg-placeholder";
+  placeholder.textContent = "Run the graph: the CFG and APG samples of the same seed appear here, split by the slider (CFG left, APG right).";
   const imgStyle = { position: "absolute", inset: "0", width: "100%", height: "100%" };
   const cfg = el("img", imgStyle, { alt: "CFG", className: "sd35-apg-cfg" });
   const apg = el("img", imgStyle, { alt: "APG", className: "sd35-apg-apg" });
   const line = el("div", { position: "absolute", top: "0", bottom: "0", width: "2px", background: "#fff", pointerEvents: "none" });
   frame.append(cfg, apg, line);
-  stage.append(frame);
+  stage.append(frame, placeholder);
 
   function fit() {
     const w = cfg.naturalWidth, h = cfg.naturalHeight;
@@ -136,7 +134,11 @@ function buildViewer() {
     let pending = 2;
     const done = () => {
       pending -= 1;
-      if (pending === 0) root.dataset.loaded = "1";
+      if (pending > 0) return;
+      placeholder.style.display = "none";
+      frame.style.display = "block";
+      fit();
+      root.dataset.loaded = "1";
     };
     root.dataset.loaded = "0";
     for (const [img, item] of [[cfg, cfgItem], [apg, apgItem]]) {

@@ -9,6 +9,12 @@ export function el(tag, style = {}, props = {}) {
   return node;
 }
 
+/** The /view address of an image the server reported ({ filename, subfolder, type }). */
+export function viewUrl(item) {
+  const query = new URLSearchParams({ filename: item.filename, subfolder: item.subfolder ?? "", type: item.type ?? "temp" });
+  return window.comfyAPI.api.api.apiURL(`/view?${query}`);
+}
+
 /** Run `fn` after the prototype's existing `name` hook (another extension's, or the frontend's). */
 export function chainHook(proto, name, fn) {
   const previous = proto[name];

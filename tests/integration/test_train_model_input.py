@@ -1,0 +1,42 @@
+"""Training on the graph's MODEL: the same LoRA as from the file, on ComfyUI's own tensors (shared)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.integration.test_train_node import _prompt, base_prompt  # noqa: F401  (fixture)
+from tools import paths
+from tools.comfy_server import ComfyError
+
+
+def test_model_input_trains_the_same_lora_as_the_file_on_shared_tensors(comfy, base_prompt):  # noqa: F811
+    loras = comfy.base_dir / "models" / "loras"
+    from_file = f"from_file_{uuid.uuid4().hex[:6]}"
+    comfy.run(_prompt(base_prompt, from_file), timeout=600)
+    log_before = comfy.log()
+
+    from_model = f"from_model_{uuid.uuid4().hex[:6]}"
+    prompt = _prompt(base_prompt, from_model, base_model="(use the MODEL input)", model=["6", 0])
+    prompt["6"]["inputs"]["ckpt_name"] = paths.SD3_CHECKPOINT
+    comfy.run(prompt, timeout=600)
+
+    a = load_file(str(loras / f"{from_file}.safetensors"))
+    b = load_file(str(loras / f"{from_model}.safetensors"))
+    assert a.keys() == b.keys() and a
+    for key in a:
+        assert (a[key] - b[key]).abs().max() <= 1e-6 * max(1.0, float(a[key].abs().max())), key
+
+    # the loader reports, from inside the server, how many of its tensors are ComfyUI's own (data_ptr equal)
+    line = next(x for x in comfy.log()[len(log_before) :].splitlines() if "weight tensors shared with it" in x)
+    shared, total = map(int, re.search(r"(\d+) of (\d+) weight tensors shared", line).groups())
+    # all but the two adaLN modulations that MMDiT stores as shift|scale (reordered: weight + bias, copied)
+    assert total > 40 and total - shared == 4, line
+
+
+def test_model_choice_without_a_model_is_refused(comfy, base_prompt):  # noqa: F811
+    with pytest.raises(ComfyError, match="nothing is connected to 'model'"):
+        comfy.run(_prompt(base_prompt, "no_model", base_model="(use the MODEL input)"), timeout=300)
