@@ -228,7 +228,9 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
             category=CATEGORY_APG,
             description="Samples the same model, conditioning, seed, steps and sampler twice, with plain CFG and "
             "with APG at the same cfg, decodes both and shows them side by side with their settings, plus "
-            "mean saturation and brightness of each and the APG/CFG ratios.",
+            "mean saturation and brightness of each and the APG/CFG ratios. With sweep_scales it samples both "
+            "at several scales instead (a grid: rows CFG and APG, columns w) and reports the size of the guidance "
+            "update each applied, so pairs of equal effective strength can be compared.",
             inputs=[
                 io.Model.Input("model"),
                 io.Conditioning.Input("positive"),
@@ -281,15 +283,25 @@ class SD35TunerCompareCFGAPG(io.ComfyNode):
                 io.Image.Output(
                     "comparison",
                     display_name="comparison",
-                    tooltip="CFG (left) and APG (right) with their settings as captions.",
+                    tooltip="CFG (left) and APG (right) with their settings as captions; after a sweep, the grid "
+                    "(rows CFG and APG, one column per scale, each picture under its figures).",
                 ),
                 io.String.Output(
                     "figures",
                     display_name="figures",
-                    tooltip="Mean saturation and brightness per image and APG/CFG ratios.",
+                    tooltip="Mean saturation, brightness and applied guidance update per image with APG/CFG ratios; "
+                    "after a sweep, a table per scale and the pairs of equal update size.",
                 ),
-                io.Image.Output("cfg_image", display_name="cfg_image", tooltip="The CFG sample alone."),
-                io.Image.Output("apg_image", display_name="apg_image", tooltip="The APG sample alone."),
+                io.Image.Output(
+                    "cfg_image",
+                    display_name="cfg_image",
+                    tooltip="The CFG sample alone (after a sweep: one per scale).",
+                ),
+                io.Image.Output(
+                    "apg_image",
+                    display_name="apg_image",
+                    tooltip="The APG sample alone (after a sweep: one per scale).",
+                ),
             ],
             is_output_node=True,
         )

@@ -29,7 +29,7 @@ STEPS = 1500
 LEARNING_RATE = 3e-3
 EMPTY_SHARE = 0.15  # share of samples trained with the empty prompt (the unconditional model)
 SEED = 20260
-THREADS = 2
+THREADS = 1  # two threads on 2 shared cores ran 10x slower here (spinning); one is ~0.1 s a step
 
 
 @dataclass

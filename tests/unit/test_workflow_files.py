@@ -138,3 +138,17 @@ def test_every_node_names_its_pack(path):
             continue
         pack = node.get("properties", {}).get("cnr_id")
         assert pack == ("sd35-tuner" if node["type"].startswith("SD35Tuner") else "comfy-core"), node["type"]
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_every_template_has_a_rendered_thumbnail_of_the_same_name(path):
+    """The Templates dialog asks for ``<name>.jpg`` next to each workflow (``python -m tools.thumbnails``
+    renders them from the demo models): a real JPEG, dialog-sized, with a picture in it (not one colour)."""
+    from PIL import Image, ImageStat
+
+    thumbnail = path.with_suffix(".jpg")
+    assert thumbnail.is_file(), f"{thumbnail.name} is missing: run python -m tools.thumbnails"
+    with Image.open(thumbnail) as image:
+        assert image.format == "JPEG" and 128 <= max(image.size) <= 512, (image.format, image.size)
+        assert min(ImageStat.Stat(image.convert("L")).stddev[0], 255) > 20
+    assert thumbnail.stat().st_size < 100_000
