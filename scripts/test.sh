@@ -17,6 +17,9 @@ if command -v node >/dev/null 2>&1; then
   find web/js -name '*.js' -print0 | xargs -0 -r -n1 node --check
 fi
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+# one torch thread per process (servers inherit it): the two versions' runs share the cores, and two threads
+# per process on 2 busy cores made a tiny model's training step 10x slower (spinning), not faster
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PYTEST=("$VENV/bin/pytest" -p no:cacheprovider)
 if [[ $# -gt 0 ]]; then exec "${PYTEST[@]}" "$@"; fi
 
