@@ -55,30 +55,28 @@ def _node(prompt: dict[str, Any], class_type: str) -> str:
     return next(k for k, v in prompt.items() if v["class_type"] == class_type)
 
 
+def point_at_demo(prompt: dict[str, Any], server: ComfyServer, steps: int = LORA_STEPS) -> None:
+    """A bundled workflow's prompt on the demo models and the held-out subject's photos, sized for a CPU."""
+    folder = write_subject_folder(server.base_dir / "input" / "motorcycle")
+    point_at_builtin_models(prompt, SIZE, demo=True)
+    set_inputs(prompt, "SD35TunerLoadDataset", folder=folder.name)
+    set_inputs(prompt, "SD35TunerSmartCrop", resolution=SIZE)
+    set_inputs(prompt, "SD35TunerCacheLatents", cache_name=f"sd35_cache/{folder.name}")
+    settings = {"base_dtype": "fp32", "gradient_checkpointing": False}
+    set_inputs(prompt, "SD35TunerTrainSettings", **settings)
+    train = {"quantization": "none", "seed": SEED, "memory_preset": "manual", "validation_prompts": ""}
+    set_inputs(prompt, "SD35TunerTrainLora", steps=steps, **LORA, **train)
+
+
 def run_pipeline(server: ComfyServer, steps: int = LORA_STEPS, lora_name: str = LORA_NAME) -> PipelineRun:
     """The bundled pipeline on the held-out subject's photos, shrunk for a CPU; returns what it made."""
     from dataset.captions import CaptionTemplate, format_caption
 
-    folder = write_subject_folder(server.base_dir / "input" / "motorcycle")
     prompt = ui_to_api(json.loads(bundled(PIPELINE).read_text()), server.object_info())
-    point_at_builtin_models(prompt, SIZE, demo=True)
+    point_at_demo(prompt, server, steps)
+    set_inputs(prompt, "SD35TunerTrainLora", lora_name=lora_name)
     trigger = prompt[_node(prompt, "SD35TunerCaption")]["inputs"]["trigger"]
     trigger_prompt = format_caption(SUBJECT_CAPTION, CaptionTemplate(trigger=trigger))
-    set_inputs(prompt, "SD35TunerLoadDataset", folder=folder.name)
-    set_inputs(prompt, "SD35TunerSmartCrop", resolution=SIZE)
-    set_inputs(prompt, "SD35TunerCacheLatents", cache_name=f"sd35_cache/{folder.name}")
-    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32", gradient_checkpointing=False)
-    set_inputs(
-        prompt,
-        "SD35TunerTrainLora",
-        steps=steps,
-        **LORA,
-        quantization="none",
-        lora_name=lora_name,
-        seed=SEED,
-        memory_preset="manual",
-        validation_prompts="",
-    )
     positive, negative = (k for k, v in prompt.items() if v["class_type"] == "CLIPTextEncode")
     prompt[positive]["inputs"]["text"], prompt[negative]["inputs"]["text"] = trigger_prompt, ""
     set_inputs(prompt, "SD35TunerCompareCFGAPG", steps=SAMPLE_STEPS, seed=SEED, sweep_scales=SWEEP)

@@ -18,11 +18,10 @@ from typing import Any
 
 from PIL import Image
 
-from .builtin import point_at_builtin_models
 from .comfy_server import ComfyServer
-from .demo_samples import SAMPLE_STEPS, SEED, SIZE
-from .main_job import LORA, LORA_NAME, LORA_STEPS, run_pipeline
-from .sample_data import SUBJECT_CAPTION, write_subject_folder
+from .demo_samples import SAMPLE_STEPS, SEED
+from .main_job import LORA_NAME, point_at_demo, run_pipeline
+from .sample_data import SUBJECT_CAPTION
 from .workflow_api import set_inputs, ui_to_api
 from .workflow_specs import CFG_VS_APG, DATASET_PREP, PIPELINE, TRAIN, bundled
 
@@ -32,28 +31,12 @@ THUMBNAIL = 384  # pixels, the longer side
 KNOWN_CAPTION = "a cup of coffee"  # one of the demo base's pretraining captions
 
 
-def _shrink(prompt: dict[str, Any], server: ComfyServer) -> str:
-    """Point the data nodes at the subject's photos, the models at the demo ones, sizes at a CPU's."""
-    folder = write_subject_folder(server.base_dir / "input" / "motorcycle")
-    point_at_builtin_models(prompt, SIZE, demo=True)
-    set_inputs(prompt, "SD35TunerLoadDataset", folder=folder.name)
-    set_inputs(prompt, "SD35TunerSmartCrop", resolution=SIZE)
-    set_inputs(prompt, "SD35TunerCacheLatents", cache_name=f"sd35_cache/{folder.name}")
-    set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="fp32", gradient_checkpointing=False)
-    set_inputs(
-        prompt,
-        "SD35TunerTrainLora",
-        steps=LORA_STEPS,
-        **LORA,
-        quantization="none",
-        seed=SEED,
-        memory_preset="manual",
-        validation_prompts="",
-    )
+def _shrink(prompt: dict[str, Any], server: ComfyServer) -> None:
+    """The main job's demo setup (``main_job.point_at_demo``), plus the samplers' steps and seed."""
+    point_at_demo(prompt, server)
     set_inputs(prompt, "SD35TunerSaveDataset", folder="thumbnail_dataset")
     for kind in ("KSampler", "SD35TunerCompareCFGAPG"):
         set_inputs(prompt, kind, steps=SAMPLE_STEPS, seed=SEED)
-    return folder.name
 
 
 def _images(server: ComfyServer, entry: dict[str, Any], prompt: dict[str, Any], kind: str) -> list[Path]:
@@ -61,13 +44,13 @@ def _images(server: ComfyServer, entry: dict[str, Any], prompt: dict[str, Any], 
     return server.output_files(entry, node)
 
 
-def dataset_prep(server: ComfyServer) -> Path:
+def dataset_prep(server: ComfyServer) -> list[Path]:
     prompt = ui_to_api(json.loads(bundled(DATASET_PREP).read_text()), server.object_info())
     _shrink(prompt, server)
-    return _images(server, server.run(prompt), prompt, "SD35TunerPreviewDataset")[0]
+    return _images(server, server.run(prompt), prompt, "SD35TunerPreviewDataset")[:4]
 
 
-def train(server: ComfyServer) -> Path:
+def train(server: ComfyServer) -> list[Path]:
     from dataset.captions import CaptionTemplate, format_caption
 
     prompt = ui_to_api(json.loads(bundled(TRAIN).read_text()), server.object_info())
@@ -77,24 +60,24 @@ def train(server: ComfyServer) -> Path:
     trigger = prompt[positive]["inputs"]["text"].split(",")[0]
     prompt[positive]["inputs"]["text"] = format_caption(SUBJECT_CAPTION, CaptionTemplate(trigger=trigger))
     prompt[negative]["inputs"]["text"] = ""
-    return _images(server, server.run(prompt, timeout=3600), prompt, "SaveImage")[0]
+    return _images(server, server.run(prompt, timeout=3600), prompt, "SaveImage")[:1]
 
 
-def pipeline(server: ComfyServer) -> Path:
+def pipeline(server: ComfyServer) -> list[Path]:
     run = run_pipeline(server, lora_name=f"{LORA_NAME}_thumbnail")
     set_inputs(run.prompt, "SD35TunerCompareCFGAPG", sweep_scales="")
-    return _images(server, server.run(run.prompt, timeout=3600), run.prompt, "SD35TunerCompareCFGAPG")[0]
+    return _images(server, server.run(run.prompt, timeout=3600), run.prompt, "SD35TunerCompareCFGAPG")[:1]
 
 
-def cfg_vs_apg(server: ComfyServer) -> Path:
+def cfg_vs_apg(server: ComfyServer) -> list[Path]:
     prompt = ui_to_api(json.loads(bundled(CFG_VS_APG).read_text()), server.object_info())
     _shrink(prompt, server)
     positive, negative = (k for k, v in prompt.items() if v["class_type"] == "CLIPTextEncode")
     prompt[positive]["inputs"]["text"], prompt[negative]["inputs"]["text"] = KNOWN_CAPTION, ""
-    return _images(server, server.run(prompt), prompt, "SaveImage")[0]
+    return _images(server, server.run(prompt), prompt, "SaveImage")[:1]
 
 
-RENDERERS: dict[str, Callable[[ComfyServer], Path]] = {
+RENDERERS: dict[str, Callable[[ComfyServer], list[Path]]] = {
     DATASET_PREP: dataset_prep,
     TRAIN: train,
     PIPELINE: pipeline,
@@ -102,13 +85,19 @@ RENDERERS: dict[str, Callable[[ComfyServer], Path]] = {
 }
 
 
-def thumbnail(picture: Path, dest: Path) -> Path:
-    """``picture`` fitted into THUMBNAIL px (longer side, never enlarged past 3×), as a JPEG at ``dest``."""
-    image = Image.open(picture).convert("RGB")
-    scale = min(THUMBNAIL / max(image.size), 3.0)
-    size = (round(image.width * scale), round(image.height * scale))
-    resample = Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.NEAREST
-    image.resize(size, resample).save(dest, "JPEG", quality=88)
+def thumbnail(pictures: list[Path], dest: Path) -> Path:
+    """``pictures`` side by side (two rows when four), fitted into THUMBNAIL px (longer side, never enlarged
+    past 3×), as a JPEG at ``dest``."""
+    images = [Image.open(p).convert("RGB") for p in pictures]
+    columns = 2 if len(images) == 4 else len(images)
+    rows = -(-len(images) // columns)
+    width, height = max(i.width for i in images), max(i.height for i in images)
+    sheet = Image.new("RGB", (columns * width, rows * height), (24, 24, 24))
+    for index, image in enumerate(images):
+        sheet.paste(image, ((index % columns) * width, (index // columns) * height))
+    scale = min(THUMBNAIL / max(sheet.size), 3.0)
+    size = (round(sheet.width * scale), round(sheet.height * scale))
+    sheet.resize(size, Image.Resampling.LANCZOS).save(dest, "JPEG", quality=88)
     return dest
 
 

@@ -60,6 +60,7 @@ def test_sweep_pickers_start_on_equal_strength_and_switch_pictures(comfy, tmp_pa
         assert result["cfg"][2]["filename"] in s["cfgSrc"] and result["apg"][matched]["filename"] in s["apgSrc"]
         assert "left: CFG w=9" in s["caption"] and "equal effective strength" in s["caption"]
         ui.screenshot(tmp_path / "apg_sweep_page.png")
+        ui.page.locator(VIEWER).screenshot(path=str(tmp_path / "apg_sweep_viewer.png"))
 
         other = (matched + 1) % 3
         ui.page.select_option(f"{VIEWER} .sd35-apg-sweep-apg", str(other))
