@@ -21,6 +21,7 @@ import json
 import tempfile
 from pathlib import Path
 
+from bench import bench_train
 from bench.bench_train import FOLDER, elapsed, peak_rss_mib, photos
 from tests.integration.test_train_node import _node
 from tools import paths
@@ -86,33 +87,7 @@ def ours(info: dict, ckpt: str, steps: int, seed: int, dtype: str) -> dict:
 
 
 def core(info: dict, ckpt: str, steps: int, seed: int, dtype: str) -> dict:
-    lora_out = info["TrainLoraNode"]["output"].index("LORA_MODEL")  # its place differs between versions
-    return {
-        **conditioning(),
-        "6": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
-        "9": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 2}},
-        # a list of 2 latents: core's node in 0.3.75 fails on a single tensor (UnboundLocalError: multi_res)
-        "10": {"class_type": "RebatchLatents", "inputs": {"latents": ["9", 0], "batch_size": 1}},
-        "11": _node(
-            info,
-            "TrainLoraNode",
-            model=["6", 0],
-            latents=["10", 0],
-            positive=["21", 0],
-            batch_size=1,
-            grad_accumulation_steps=1,
-            steps=steps,
-            learning_rate=1e-4,
-            rank=16,
-            optimizer="AdamW",
-            loss_function="MSE",
-            seed=seed,
-            training_dtype=dtype,
-            lora_dtype="fp32",
-            gradient_checkpointing=True,
-        ),
-        "12": {"class_type": "SaveLoRA", "inputs": {"lora": ["11", lora_out], "prefix": f"loras/core_{steps}_{seed}"}},
-    }
+    return bench_train.core(info, steps, ckpt, rank=16, dtype=dtype, seed=seed, latents=2, learning_rate=1e-4)
 
 
 def step(build, ckpt: Path, dtype: str) -> tuple[float, float]:
@@ -127,7 +102,8 @@ def step(build, ckpt: Path, dtype: str) -> tuple[float, float]:
             photos(s)
             info = s.object_info()
             graph = build(info, ckpt.name, 1, 1, dtype)
-            warm = {"6": graph["6"], "98": {"class_type": "PreviewAny", "inputs": {"source": ["6", 0]}}}
+            loader = next(k for k, v in graph.items() if v["class_type"] == "CheckpointLoaderSimple")
+            warm = {loader: graph[loader], "98": {"class_type": "PreviewAny", "inputs": {"source": [loader, 0]}}}
             s.run(warm, timeout=3600)  # loads the checkpoint; cached from here on
             return elapsed(s.run(graph, timeout=3600)), peak_rss_mib(s) * 2**20
 
