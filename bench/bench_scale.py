@@ -2,17 +2,25 @@
 
 Writes the checkpoints in Stability's single-file layout (and ComfyUI's fp8-scaled variant) straight to
 disk tensor by tensor (never whole in RAM), cached under ``$SD35_TUNER_HOME/bench/``. Each measurement
-runs in a fresh Python process, so its peak RSS (VmHWM) is its own.
+runs in a fresh Python process (or a fresh ComfyUI server), so its peak RSS (VmHWM) is its own.
 
     ~/.cache/sd35-tuner/venv/bin/python -m bench.bench_scale [--size medium|large] [--modes none,int8,int4]
+        [--compare OLD_CHECKOUT] [--from-model] [--vs-core fp32] [--pipeline none,int8] [--step 256]
 
-Prints per mode the load + prepare seconds and peak RSS / bf16 file size. Last line: the int8 ratio.
+Prints per mode the load + quantise seconds and peak RSS / bf16 size: from the file (``--compare``: an
+older checkout's rows beside), and ``--from-model`` from a MODEL that ComfyUI loaded (the trainer's MODEL
+input). ComfyUI reads only full-depth files, so the MODEL, ``--vs-core`` and ``--pipeline`` parts use the
+full 24-block Medium shape (with a VAE, as Stability ships it): ``--vs-core`` one 256 px rank-16 training
+step by ComfyUI core's TrainLoraNode and by our trainer on the same MODEL in real servers (s/step and
+peak RSS ratios), ``--pipeline`` the bundled pipeline workflow's peak RSS before (trainer re-reading the
+file) and after (training on the MODEL) — see ``scale_server``. Last line: the int8 ratio from the file.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -20,12 +28,14 @@ import zlib
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from tools import paths
 from tools.model_formats import FP8_MAX, is_quantisable, write_streamed
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
 
 # SD3.5 Medium's block shape (hidden 1536, qk RMS-norm, dual attention) with 12 of its 24 blocks; Medium and
 # Large in full. ComfyUI's own loader only reads files whose depth equals hidden / 64 (medium_full, large):
@@ -75,13 +85,19 @@ def _random(key: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=g) * std
 
 
-def checkpoint(size: str, fp8: bool = False) -> Path:
-    """The cached random checkpoint (bf16, or ComfyUI fp8-scaled), written on first use."""
-    path = paths.HOME / "bench" / f"sd35_{size}_shaped{'_fp8_scaled' if fp8 else ''}.safetensors"
+def checkpoint(size: str, fp8: bool = False, vae: bool = False) -> Path:
+    """The cached random checkpoint (bf16, or ComfyUI fp8-scaled), written on first use. ``vae``: with the
+    built-in random SD3 VAE as ``first_stage_model.*``, as Stability's single files carry theirs (what
+    CheckpointLoaderSimple's VAE output needs)."""
+    name = f"sd35_{size}_shaped{'_fp8_scaled' if fp8 else ''}{'_vae' if vae else ''}.safetensors"
+    path = paths.HOME / "bench" / name
     if path.exists():
         return path
     shapes = mmdit_shapes(size)
     specs = [(PREFIX + "scaled_fp8", (0,), torch.float8_e4m3fn)] if fp8 else []
+    vae_file = safe_open(str(paths.MODELS / "vae" / paths.SD3_VAE), "pt") if vae else None
+    for k in vae_file.keys() if vae_file else ():
+        specs.append((VAE_PREFIX + k, tuple(vae_file.get_slice(k).get_shape()), torch.float32))
     for k, shape in shapes.items():
         if fp8 and is_quantisable(k, shape):
             specs += [
@@ -92,6 +108,8 @@ def checkpoint(size: str, fp8: bool = False) -> Path:
             specs.append((PREFIX + k, shape, torch.bfloat16))
 
     def make(key: str, shape, dtype) -> torch.Tensor:
+        if key.startswith(VAE_PREFIX):
+            return vae_file.get_tensor(key.removeprefix(VAE_PREFIX)).float()
         if key.endswith("scaled_fp8"):
             return torch.empty(0, dtype=dtype)
         if key.endswith(".scale_weight"):
@@ -108,6 +126,12 @@ def checkpoint(size: str, fp8: bool = False) -> Path:
 
     print(f"writing {path} ...", flush=True)
     return write_streamed(path, specs, make, {"sd35_tuner": f"random SD3.5-{size}-shaped benchmark model"})
+
+
+def transformer_bytes(path: Path) -> int:
+    """Bytes of the checkpoint's MMDiT tensors (the "bf16 size" ratios divide by; a bundled VAE not counted)."""
+    with safe_open(str(path), "pt") as f:
+        return sum(2 * math.prod(f.get_slice(k).get_shape()) for k in f.keys() if k.startswith(PREFIX))
 
 
 def peak_rss() -> int:
@@ -135,7 +159,7 @@ def child_model(path: str, mode: str) -> dict:
     """Fresh process: ComfyUI loads the checkpoint (as CheckpointLoaderSimple does, under inference mode),
     then the trainer builds its base from that MODEL's tensors, as the node does with a MODEL input."""
     sys.path.insert(0, str(paths.COMFYUI))
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu", "--bf16-unet"]
     import comfy.options
 
     comfy.options.enable_args_parsing()
@@ -207,6 +231,8 @@ def main() -> None:
     parser.add_argument("--from-model", action="store_true", help="also: ComfyUI loads it, we train on its MODEL")
     parser.add_argument("--step", type=int, nargs="*", help="also one CPU training step at these resolutions")
     parser.add_argument("--step-mode", default="int8")
+    parser.add_argument("--vs-core", help="also: a 256 px step, ours vs core's TrainLoraNode, in fp32 or bf16")
+    parser.add_argument("--pipeline", help="also: the bundled pipeline, before vs after, at these quantizations")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -214,11 +240,34 @@ def main() -> None:
         print(json.dumps({"load": child_load, "model": child_model, "step": child_step}[kind](*rest)))
         return
     path = checkpoint(args.size)
-    size = path.stat().st_size
-    print(f"{path.name}: {size / 2**30:.2f} GiB (bf16)")
+    size = transformer_bytes(path)
+    print(f"{path.name}: {size / 2**30:.2f} GiB (bf16)", flush=True)
+    ratios = file_rows(path, size, args.modes.split(","), args.compare)
+    # ComfyUI reads only full-depth files (blocks = width / 64): the full Medium, with a VAE as Stability ships it
+    full = checkpoint(args.size if args.size != "medium" else "medium_full", vae=True)
+    if args.from_model or args.vs_core or args.pipeline:
+        print(f"{full.name}: {transformer_bytes(full) / 2**30:.2f} GiB (bf16), ComfyUI with --bf16-unet", flush=True)
+    if args.from_model:
+        model_rows(full, transformer_bytes(full), args.modes.split(","))
+    for res in args.step or ():
+        r = run_child("step", str(path), args.step_mode, str(res))
+        print(
+            f"step  {args.step_mode:5s} {res} px  {r['step_s']:6.1f} s/step  peak RSS {r['rss'] / 2**30:5.2f} GiB, "
+            f"estimated {r['estimate'] / 2**30:5.2f} GiB ({r['rss'] / r['estimate']:.2f}x): {r['parts']}",
+            flush=True,
+        )
+    if args.vs_core:
+        vs_core(full, args.vs_core)
+    if args.pipeline:
+        pipeline_rows(full, args.pipeline.split(","))
+    if "int8" in ratios:
+        print(f"int8 peak RSS / bf16 size = {ratios['int8']:.2f} (target <= 0.65)")
+
+
+def file_rows(path: Path, size: int, modes: list[str], compare: Path | None) -> dict[str, float]:
     ratios = {}
-    for mode in args.modes.split(","):
-        for label, repo in (("before", args.compare), ("now", REPO)):
+    for mode in modes:
+        for label, repo in (("before", compare), ("now", REPO)):
             if repo is None:
                 continue
             r = run_child("load", str(path), mode, repo=repo)
@@ -228,23 +277,43 @@ def main() -> None:
                 f"peak RSS {r['rss'] / 2**30:5.2f} GiB = {ratios[mode]:.2f} x bf16",
                 flush=True,
             )
-    if args.from_model:
-        for mode in args.modes.split(","):
-            r = run_child("model", str(path), mode)
-            print(
-                f"MODEL {mode:5s} now    ComfyUI load + ours {r['total_s']:6.1f} s (ComfyUI {r['comfy_s']:.1f} s, "
-                f"{r['dtype']})  peak RSS {r['rss'] / 2**30:5.2f} GiB = {r['rss'] / size:.2f} x bf16",
-                flush=True,
-            )
-    for res in args.step or ():
-        r = run_child("step", str(path), args.step_mode, str(res))
+    return ratios
+
+
+def model_rows(path: Path, size: int, modes: list[str]) -> None:
+    for mode in modes:
+        r = run_child("model", str(path), mode)
         print(
-            f"step  {args.step_mode:5s} {res} px  {r['step_s']:6.1f} s/step  peak RSS {r['rss'] / 2**30:5.2f} GiB, "
-            f"estimated {r['estimate'] / 2**30:5.2f} GiB ({r['rss'] / r['estimate']:.2f}x): {r['parts']}",
+            f"MODEL {mode:5s} now    ComfyUI load + ours {r['total_s']:6.1f} s (ComfyUI {r['comfy_s']:.1f} s, "
+            f"{r['dtype']})  peak RSS {r['rss'] / 2**30:5.2f} GiB = {r['rss'] / size:.2f} x bf16",
             flush=True,
         )
-    if "int8" in ratios:
-        print(f"int8 peak RSS / bf16 size = {ratios['int8']:.2f} (target <= 0.65)")
+
+
+def vs_core(path: Path, dtype: str) -> None:
+    from bench.scale_server import core, ours, step
+
+    size = transformer_bytes(path)
+    (core_s, core_rss), (our_s, our_rss) = step(core, path, dtype), step(ours, path, dtype)
+    for name, sec, rss in (("core TrainLoraNode", core_s, core_rss), ("our trainer (MODEL)", our_s, our_rss)):
+        print(
+            f"step  256 px r16 {dtype} {name:20s} {sec:6.1f} s (1-step run)  peak RSS {rss / 2**30:5.2f} GiB = {rss / size:.2f} x bf16"
+        )
+    print(f"step  ours / core: {our_s / core_s:.2f} x seconds, {our_rss / core_rss:.2f} x peak RSS", flush=True)
+
+
+def pipeline_rows(path: Path, modes: list[str]) -> None:
+    from bench.scale_server import pipeline
+
+    size = transformer_bytes(path)
+    for mode in modes:
+        for label, before in (("before: trainer re-reads the file", True), ("after: trains on the MODEL", False)):
+            rss = pipeline(path, before, mode)
+            print(
+                f"pipeline {mode:5s} {label:34s} peak RSS {rss / 2**30:5.2f} GiB = {rss / size:.2f} x bf16 "
+                "(target <= 1.3)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -76,13 +76,24 @@ def ours(info: dict, steps: int) -> dict:
     }
 
 
-def core(info: dict, steps: int) -> dict:
+def core(
+    info: dict,
+    steps: int,
+    ckpt: str = paths.SD3_CHECKPOINT,
+    rank: int = 8,
+    dtype: str = "fp32",
+    seed: int = 0,
+    latents: int = 4,
+    learning_rate: float = 5e-4,
+) -> dict:
     """The baseline setup TESTING.md measured: 4 latents of 256x256 px (their values do not change the speed)."""
+    lora_out = info["TrainLoraNode"]["output"].index("LORA_MODEL")  # its place differs between versions
     return {
-        "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": paths.SD3_CHECKPOINT}},
+        "3": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "4": {"class_type": "CLIPLoader", "inputs": {"clip_name": paths.CLIP_L, "type": "sd3"}},
         "8": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo", "clip": ["4", 0]}},
-        "9": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 256, "height": 256, "batch_size": 4}},
+        "9": {"class_type": "EmptySD3LatentImage", "inputs": {"width": 256, "height": 256, "batch_size": latents}},
+        # a list of latents: core's node in 0.3.75 fails on a single tensor (UnboundLocalError: multi_res)
         "10": {"class_type": "RebatchLatents", "inputs": {"latents": ["9", 0], "batch_size": 1}},
         "11": _node(
             info,
@@ -93,16 +104,16 @@ def core(info: dict, steps: int) -> dict:
             batch_size=1,
             grad_accumulation_steps=1,
             steps=steps,
-            learning_rate=5e-4,
-            rank=8,
+            learning_rate=learning_rate,
+            rank=rank,
             optimizer="AdamW",
             loss_function="MSE",
-            seed=0,
-            training_dtype="fp32",
+            seed=seed,
+            training_dtype=dtype,
             lora_dtype="fp32",
             gradient_checkpointing=True,
         ),
-        "12": {"class_type": "SaveLoRA", "inputs": {"lora": ["11", 1], "prefix": f"loras/core_{steps}"}},
+        "12": {"class_type": "SaveLoRA", "inputs": {"lora": ["11", lora_out], "prefix": f"loras/core_{steps}_{seed}"}},
     }
 
 

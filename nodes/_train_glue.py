@@ -16,7 +16,13 @@ RUNS_FOLDER = "sd35_tuner_runs"  # under ComfyUI's output folder: one folder of 
 
 
 def base_model_options() -> list[str]:
-    return sorted({name for folder in MODEL_FOLDERS for name in folder_paths.get_filename_list(folder)})
+    """The files in checkpoints/ and diffusion_models/; ComfyUI lists only its own extensions there, so
+    GGUF files (ComfyUI-GGUF's, which we load too) are added."""
+    names = {name for folder in MODEL_FOLDERS for name in folder_paths.get_filename_list(folder)}
+    for folder in MODEL_FOLDERS:
+        for root in folder_paths.get_folder_paths(folder):
+            names.update(name for name in folder_paths.recursive_search(root)[0] if name.endswith(".gguf"))
+    return sorted(names)
 
 
 def base_model_path(choice: str) -> Path:
@@ -24,7 +30,7 @@ def base_model_path(choice: str) -> Path:
     if path is None:
         raise ValueError(
             f"base_model {choice!r} was not found in ComfyUI's checkpoints/ or diffusion_models/ folders; "
-            "put an SD3 / SD3.5 .safetensors file there and refresh"
+            "put an SD3 / SD3.5 .safetensors (or .gguf) file there and refresh"
         )
     return Path(path)
 

@@ -1,4 +1,4 @@
-"""The pack's one place for touching the file system safely: atomic writes, confinement, hashing, a folder lock.
+"""The pack's one place for touching the file system safely: atomic writes, confinement, hashing.
 
 Atomic writes: data goes to a temp entry beside the target, named ``.<name>.<pid>.<random>.tmp`` (unique
 per call, so concurrent writers never share one, and hidden from ComfyUI's file lists), is fsynced, gets
@@ -18,7 +18,6 @@ Library code: no ComfyUI import; ``dataset`` reaches this module through ``datas
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import logging
@@ -26,9 +25,7 @@ import os
 import re
 import secrets
 import shutil
-import socket
 import tempfile
-import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -41,7 +38,6 @@ logger = logging.getLogger(__name__)
 
 FILE_MODE = 0o644  # files the pack writes are shared like any ComfyUI output
 DIR_MODE = 0o755
-LOCK_NAME = ".sd35-tuner.lock"
 _CHUNK = 1 << 20
 _TEMP = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)\.[^.]+\.(?P<kind>tmp|old)$")
 
@@ -316,87 +312,3 @@ def file_sha256(path: StrPath) -> str:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-# -- one writer per folder -------------------------------------------------------------------------
-
-
-class FolderInUseError(RuntimeError):
-    """Another process holds the folder's lock."""
-
-
-def _try_lock(fd: int) -> bool:
-    if os.name == "nt":
-        import msvcrt
-
-        os.lseek(fd, 1 << 30, os.SEEK_SET)  # lock a byte far past the holder record, which stays readable
-        try:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
-            return False
-        return True
-    import fcntl
-
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as err:
-        if err.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-            return False
-        raise
-    return True
-
-
-def _holder(fd: int) -> dict[str, Any]:
-    os.lseek(fd, 0, os.SEEK_SET)
-    raw = os.read(fd, 4096)
-    try:
-        info = json.loads(raw.decode("utf-8")) if raw.strip() else {}
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        info = {"pid": "?", "host": "?", "since": "?"}
-    return info if isinstance(info, dict) else {}
-
-
-def _describe(info: Mapping[str, Any]) -> str:
-    return (
-        f"process {info.get('pid', '?')} on host {info.get('host', '?')} since {info.get('since', '?')}"
-        f" ({info.get('what', 'unknown task')})"
-    )
-
-
-@contextmanager
-def folder_lock(folder: StrPath, what: str) -> Iterator[Path]:
-    """Hold ``folder``'s lock file for the duration (one writer per folder across processes).
-
-    The lock is an OS file lock (``flock``; ``msvcrt.locking`` on Windows) on ``.sd35-tuner.lock``,
-    which the OS releases when its process dies: a killed holder's lock is recovered at once (and
-    logged). The file records pid, host, start time and ``what``, so a refusal says who holds it.
-    Raises :class:`FolderInUseError` naming the holder when another process has it.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / LOCK_NAME
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_BINARY", 0), FILE_MODE)
-    try:
-        if not _try_lock(fd):
-            raise FolderInUseError(
-                f"{folder} is in use by {_describe(_holder(fd))}. Wait for it to finish or stop it; if no such "
-                f"process is running any more, delete {path}."
-            )
-        stale = _holder(fd)
-        if stale:
-            logger.warning("SD3.5 Tuner: recovered the lock on %s left by %s, which ended", folder, _describe(stale))
-        mine = {
-            "pid": os.getpid(),
-            "host": socket.gethostname(),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-            "what": what,
-        }
-        os.ftruncate(fd, 0)
-        os.lseek(fd, 0, os.SEEK_SET)
-        os.write(fd, json.dumps(mine).encode("utf-8"))
-        try:
-            yield path
-        finally:
-            os.ftruncate(fd, 0)  # an empty record marks a clean release
-    finally:
-        os.close(fd)  # closing releases the OS lock

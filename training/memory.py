@@ -84,10 +84,11 @@ def estimate(
     device: str = "cuda",
     validation: bool = False,
 ) -> Estimate:
-    """Peak memory of one training step on ``device`` ("cuda": fused attention; "cpu": attention
-    probabilities are materialised, heads x tokens^2 per block kept). With ``validation`` (a VAE and
-    prompts connected), the decode of a validation image is the peak when it needs more than the
-    step's activations (the base, the LoRA and its optimizer stay resident meanwhile)."""
+    """Peak memory of one training step on ``device`` ("cuda" or "cpu": the runtime's share differs; the
+    attention is fused on both, torch's CPU attention is flash-style too, so no heads x tokens^2 matrix is
+    kept). With ``validation`` (a VAE and prompts connected), the decode of a validation image is the
+    peak when it needs more than the step's activations (the base, the LoRA and its optimizer stay
+    resident meanwhile). bench/bench_estimate.py measures a CPU step against it."""
     from .model import PRESETS
 
     block_linear, other, lora_per_rank, blocks = _param_counts(config, PRESETS[preset])
@@ -100,11 +101,10 @@ def estimate(
     image_tokens = (resolution // (8 * config["patch_size"])) ** 2
     tokens = image_tokens + CONTEXT_TOKENS
     per_block = SAVED_PER_TOKEN * hidden * tokens * act_bytes * batch
-    attention = config["num_attention_heads"] * tokens**2 * act_bytes * batch if device == "cpu" else 0.0
     if gradient_checkpointing:  # block inputs kept; one block recomputed at a time
-        activations = 2 * hidden * tokens * act_bytes * batch * blocks + per_block + attention
+        activations = 2 * hidden * tokens * act_bytes * batch * blocks + per_block
     else:
-        activations = (per_block + attention) * blocks
+        activations = per_block * blocks
     parts = {
         "base blocks": blocks_weights,
         "base other": other * WEIGHT_BYTES[base_dtype],

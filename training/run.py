@@ -23,7 +23,8 @@ import torch
 from .config import TrainConfig
 from .data import TrainingSource
 from .export import PACK_VERSION, export_lora
-from .fs import folder_lock, resolve_inside
+from .folder_lock import folder_lock
+from .fs import resolve_inside
 from .loading import InMemoryBase, base_name, load_base
 from .loop import OnStep, Trainer, TrainResult, grad_enabled
 from .metadata import base_model_hashes, dataset_facts, sd3_variant
@@ -127,7 +128,7 @@ def sample_settings(cfg: TrainConfig) -> SampleSettings:
 def _holding_work_dir(run: Callable[..., RunOutput]) -> Callable[..., RunOutput]:
     """Hold the work folder's lock around the whole of ``run`` in the process that writes it, taken before
     anything loads: a second trainer on the same folder (another ComfyUI, the CLI) fails at once, naming
-    the holder (``fs.FolderInUseError``); a killed trainer's lock is recovered by the next run."""
+    the holder (``folder_lock.FolderInUseError``); a killed trainer's lock is recovered by the next run."""
     signature = inspect.signature(run)
 
     @functools.wraps(run)

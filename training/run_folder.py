@@ -3,7 +3,7 @@
 It holds the current run's ``checkpoint-<step>/`` folders and ``validation/`` images, the
 ``previous-<UTC time>/`` folders of earlier runs, and the lock file.
 
-One trainer at a time: ``run.run_training`` holds the folder's lock (:func:`training.fs.folder_lock`)
+One trainer at a time: ``run.run_training`` holds the folder's lock (:func:`training.folder_lock.folder_lock`)
 from before its model loads until it ends, so a second trainer on the same folder (another ComfyUI,
 the CLI) is refused at once with who holds it; the lock of a killed trainer is recovered by the next run.
 

@@ -83,6 +83,8 @@ def photos_folder(comfy):
 
 
 def test_the_pipeline_template_flags_what_is_missing_before_any_edit(comfy, photos_folder, tmp_path):
+    placeholder = Path(comfy.base_dir) / "input" / SAMPLE_FOLDER
+    assert not placeholder.exists(), f"another test on this shared server made {placeholder}: use a folder of its own"
     with frontend(comfy) as ui:
         open_template(ui, PIPELINE)
         toast = ui.page.locator(".p-toast-message").filter(has_text="does not have").inner_text()

@@ -24,7 +24,7 @@ from dataset.manifest import CropBox, DatasetItem
 from tests.cache_checks import cached_text, neighbourhood, raw_latent, verify
 from tools import paths
 from tools.comfy_server import ComfyError, ComfyServer, execution_error
-from training import fs
+from training import folder_lock
 from training.cache import CacheReader
 
 NODE = "SD35TunerCacheLatents"
@@ -448,7 +448,7 @@ def test_shard_bytes_changed_with_size_and_mtime_kept_are_repaired_on_the_next_q
 
 def test_a_cache_in_use_by_another_process_is_refused_naming_it(comfy, dataset_folder, first):
     cache = comfy.base_dir / "output" / "sd35cache" / "busy"
-    with fs.folder_lock(cache, "another cache build"):
+    with folder_lock.folder_lock(cache, "another cache build"):
         message = error_of(comfy, graph(comfy, dataset_folder, "sd35cache/busy"))
     assert re.search(rf"FolderInUseError: \S*busy is in use by process {os.getpid()} on host .*another cache", message)
     assert counts(summary(comfy.run(graph(comfy, dataset_folder, "sd35cache/busy"))))["latents"] == (3, 0)

@@ -26,7 +26,9 @@ NODE_IDS = (
     "SD35TunerImagesToDataset",
     "SD35TunerSaveDataset",
 )
-SAMPLE = "sd35_tuner_sample"
+# The photos the bundled workflow runs on here. Not the template's placeholder (SAMPLE_FOLDER): this
+# server is shared with the browser tests, which check that the frontend flags the placeholder as missing.
+SAMPLE = "dataset_nodes_photos"
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +46,7 @@ def captioners(comfy) -> dict[str, Path]:
 
 def workflow_prompt(comfy, save_folder: str) -> dict:
     prompt = ui_to_api(json.loads(WORKFLOW.read_text()), comfy.object_info())
+    node_of(prompt, "SD35TunerLoadDataset")["inputs"]["folder"] = SAMPLE
     save = next(n for n in prompt.values() if n["class_type"] == "SD35TunerSaveDataset")
     save["inputs"]["folder"] = save_folder
     return prompt

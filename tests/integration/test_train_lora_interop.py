@@ -225,3 +225,11 @@ def _fp8_biases(model):
             if isinstance(module, torch.nn.Linear) and module.bias is not None:
                 module.bias.copy_(module.bias.to(torch.float8_e4m3fn).float())
     return out
+
+
+def test_gguf_files_are_offered_as_the_trainers_base_model(comfy):
+    folder = comfy.base_dir / "models" / "diffusion_models"
+    _format_file("gguf_dequantised", folder)  # writes gguf_dequantised.gguf next to its safetensors reading
+    spec = comfy.object_info()["SD35TunerTrainLora"]["input"]["required"]["base_model"]
+    options = spec[0] if isinstance(spec[0], list) else spec[1]["options"]
+    assert "gguf_dequantised.gguf" in options

@@ -22,7 +22,7 @@ import torch
 
 from tests.cache_checks import neighbourhood, raw_latent, verify
 from tests.unit.test_cache_library import FakeCLIP, FakeVAE, build, expected_latent, make_dataset, photos  # noqa: F401
-from training import fs
+from training import folder_lock
 from training.cache import CacheReader, cache_fingerprint
 
 REPO = Path(__file__).resolve().parents[2]
@@ -238,10 +238,12 @@ def test_a_second_builder_is_refused_naming_the_first_and_a_killed_one_leaves_no
     proc = subprocess.Popen([sys.executable, "-c", script])
     try:
         start = time.monotonic()
-        while f'"pid": {proc.pid}' not in (cache / fs.LOCK_NAME).read_text():
+        while f'"pid": {proc.pid}' not in (cache / folder_lock.LOCK_NAME).read_text():
             assert proc.poll() is None and time.monotonic() - start < 120, "the first builder never took the lock"
             time.sleep(0.05)
-        with pytest.raises(fs.FolderInUseError, match=rf"{cache} is in use by process {proc.pid} on host .*cache b"):
+        with pytest.raises(
+            folder_lock.FolderInUseError, match=rf"{cache} is in use by process {proc.pid} on host .*cache b"
+        ):
             build(ds, cache, FakeVAE(), FakeCLIP())
         assert (cache / "index.json").read_bytes() == index_before  # the refused builder wrote nothing
     finally:

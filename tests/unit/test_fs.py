@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from training import fs
+from training import folder_lock, fs
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -244,25 +244,27 @@ def test_file_sha256_is_the_sha256_of_the_bytes(tmp_path: Path) -> None:
 
 def test_folder_lock_refuses_a_second_holder_naming_it_and_recovers_from_a_killed_one(tmp_path, caplog) -> None:
     folder = tmp_path / "cache"
-    with fs.folder_lock(folder, "cache build"):
-        with pytest.raises(fs.FolderInUseError, match=rf"in use by process {os.getpid()} on host .* since .*cache b"):
-            with fs.folder_lock(folder, "cache build"):
+    with folder_lock.folder_lock(folder, "cache build"):
+        with pytest.raises(
+            folder_lock.FolderInUseError, match=rf"in use by process {os.getpid()} on host .* since .*cache b"
+        ):
+            with folder_lock.folder_lock(folder, "cache build"):
                 pass
-    assert (folder / fs.LOCK_NAME).read_text() == ""  # released cleanly
+    assert (folder / folder_lock.LOCK_NAME).read_text() == ""  # released cleanly
     proc = _child(
         f"""
-        from training import fs
-        held = fs.folder_lock({str(folder)!r}, "cache build")
+        from training import folder_lock
+        held = folder_lock.folder_lock({str(folder)!r}, "cache build")
         held.__enter__()
         """
     )
     try:
-        with pytest.raises(fs.FolderInUseError, match=f"in use by process {proc.pid} "):
-            with fs.folder_lock(folder, "cache build"):
+        with pytest.raises(folder_lock.FolderInUseError, match=f"in use by process {proc.pid} "):
+            with folder_lock.folder_lock(folder, "cache build"):
                 pass
     finally:
         _kill(proc)
-    with caplog.at_level(logging.WARNING), fs.folder_lock(folder, "cache build") as lock:
+    with caplog.at_level(logging.WARNING), folder_lock.folder_lock(folder, "cache build") as lock:
         assert json.loads(lock.read_text())["pid"] == os.getpid()
     assert f"left by process {proc.pid} " in caplog.text
 

@@ -64,3 +64,13 @@ def test_a_run_that_cannot_fit_stops_before_loading_saying_what_to_change(monkey
     cfg = TrainConfig(steps=1, rank=16, quantization="int4", gradient_checkpointing=True)
     level, message = memory.check_run(LARGE, cfg, 1024, "cpu", validation=False)
     assert level in ("ok", "warn") and "12 GB" in message
+
+
+def test_the_estimate_follows_the_block_count_of_the_config():
+    """bench_estimate measures Large's block shape with fewer blocks: the estimator must count them."""
+    two, four, six = (estimate({**LARGE, "num_layers": n}, 1024, device="cpu") for n in (2, 4, 6))
+    added = four.parts["base blocks"] - two.parts["base blocks"]  # two full blocks (the last is pre-only)
+    assert added > 0.4 * two.parts["base blocks"]
+    assert six.parts["base blocks"] - four.parts["base blocks"] == added
+    per_block = 2 * LARGE["num_attention_heads"] * 64 * (64**2 + 333) * 2  # checkpointed block inputs, bf16
+    assert abs(four.parts["activations"] - two.parts["activations"] - 2 * per_block) < 1

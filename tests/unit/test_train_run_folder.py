@@ -154,7 +154,7 @@ def _read_line(proc: subprocess.Popen, deadline_s: float = 600) -> str:
 
 
 def test_a_second_trainer_is_refused_while_one_runs_and_a_killed_trainers_lock_is_recovered(tmp_path, caplog):
-    from training.fs import LOCK_NAME, FolderInUseError
+    from training.folder_lock import LOCK_NAME, FolderInUseError
 
     work, lora = tmp_path / "output" / "sd35_tuner_runs" / "portrait", tmp_path / "loras" / "portrait.safetensors"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}

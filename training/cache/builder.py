@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from .. import fs
+from ..folder_lock import folder_lock
 from . import store
 from .keys import SourceDigests
 from .plan import Plan, check_dataset, make_plan
@@ -289,7 +290,7 @@ def build_cache(
     ``progress(done, total)`` is called before the first and after every encode; it may raise to
     cancel (work already flushed to shards is kept and indexed, so the next run resumes from it).
     Raises ValueError for bad input (naming the file or field), ``store.CacheWriteError`` when the
-    folder cannot be written and ``fs.FolderInUseError`` while another process builds into it; the
+    folder cannot be written and ``folder_lock.FolderInUseError`` while another process builds into it; the
     previous index is never left half-written.
     """
     started = time.perf_counter()
@@ -301,7 +302,7 @@ def build_cache(
         raise ValueError(f"shuffle_variants and keep_first must be >= 0 (got {shuffle_variants}, {keep_first})")
     validation = [p for p in (s.strip() for s in validation_prompts) if p]
     store.check_writable(cache_dir)
-    with fs.folder_lock(cache_dir, "SD3.5 Tuner cache build"):
+    with folder_lock(cache_dir, "SD3.5 Tuner cache build"):
         try:
             old = store.read_index(cache_dir)
         except ValueError as err:

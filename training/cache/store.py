@@ -5,7 +5,7 @@ Layout (every path relative to the cache folder)::
     index.json                                   the index (written last, atomically)
     latents/<vae id>/<W>x<H>/<random>.safetensors  raw VAE latents of one bucket, tensor name = content key
     texts/<text-encoder id>/<random>.safetensors   "<key>.cond" [L, 4096] and "<key>.pooled" [2048]
-    .sd35-tuner.lock                             held while a build runs (``fs.folder_lock``)
+    .sd35-tuner.lock                             held while a build runs (``folder_lock.folder_lock``)
 
 Why this shape: shards are immutable once written (``fs`` atomic writes), so a run killed at any
 moment leaves only whole shards, and a shard that a killed run wrote but never recorded is adopted

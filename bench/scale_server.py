@@ -1,0 +1,129 @@
+"""bench_scale's parts that run in a real ComfyUI server (CPU) on a real-size SD3.5-Medium-shaped checkpoint.
+
+- ``core_vs_ours``: one LoRA training step at 256² px, rank 16, all linear layers, bf16 base, gradient
+  checkpointing, AdamW, batch 1, by ComfyUI core's TrainLoraNode and by our trainer on the same MODEL
+  (CheckpointLoaderSimple) and the same 77-token CLIP-L conditioning; each in its own fresh server so the
+  server's peak RSS (VmHWM) is its own. The seconds are those of a 1-step run once the loader's MODEL is
+  cached (loading excluded; each trainer's per-run set-up and LoRA saving included: at this size a CPU
+  step is minutes, so a second run to difference them out was not affordable). Our latent cache is built
+  in a server of its own first (core's node gets empty latents: the values do not change speed or memory).
+- ``pipeline``: the bundled pipeline workflow (photos → cache → train → CFG vs APG) pointed at the checkpoint,
+  1 training step and a 1-step 64 px comparison: "before", the trainer re-reads the file while the graph
+  holds the checkpoint loader's MODEL (how the workflow was before the MODEL input; the comparison samples
+  the loader's MODEL), against "after", the bundled graph training on the loader's MODEL.
+
+ComfyUI runs with ``--bf16-unet`` (on a CPU it would otherwise hold the model in fp32, which no GPU user has).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from bench import bench_train
+from bench.bench_train import FOLDER, elapsed, peak_rss_mib, photos
+from tests.integration.test_train_node import _node
+from tools import paths
+from tools.builtin import point_at_builtin_models
+from tools.comfy_server import ComfyServer
+from tools.workflow_api import set_inputs, ui_to_api
+from tools.workflow_specs import PIPELINE, bundled
+
+FROM_MODEL = "(use the MODEL input)"
+CACHE = "sd35_cache/bench_scale"
+
+
+def server(base: Path, ckpt: Path, dtype: str) -> ComfyServer:
+    """A server whose checkpoints/ holds ``ckpt`` (linked, like the built-in models); ComfyUI keeps the
+    MODEL in ``dtype`` (its CPU default is fp32)."""
+    link = base / "models" / "checkpoints" / ckpt.name
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.exists():
+        link.symlink_to(ckpt)
+    return ComfyServer(base, extra_args=("--bf16-unet",) if dtype == "bf16" else ())
+
+
+def conditioning() -> dict:
+    return {
+        "20": {"class_type": "CLIPLoader", "inputs": {"clip_name": paths.CLIP_L, "type": "sd3"}},
+        "21": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo", "clip": ["20", 0]}},
+    }
+
+
+def cache_graph(info: dict) -> dict:
+    return {
+        **conditioning(),
+        "1": _node(info, "SD35TunerLoadDataset", folder=FOLDER),
+        "2": _node(info, "SD35TunerSmartCrop", dataset=["1", 0], resolution=256, buckets="256x256"),
+        "3": {"class_type": "VAELoader", "inputs": {"vae_name": paths.SD3_VAE}},
+        "5": _node(info, "SD35TunerCacheLatents", dataset=["2", 0], vae=["3", 0], clip=["20", 0], cache_name=CACHE),
+    }
+
+
+def ours(info: dict, ckpt: str, steps: int, seed: int, dtype: str) -> dict:
+    return {
+        **cache_graph(info),
+        "6": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
+        "7": _node(info, "SD35TunerTrainSettings", base_dtype=dtype, save_dtype=dtype, gradient_checkpointing=True),
+        "8": _node(
+            info,
+            "SD35TunerTrainLora",
+            cache=["5", 0],
+            model=["6", 0],
+            base_model=FROM_MODEL,
+            lora_name=f"bench_scale_{steps}_{seed}",
+            steps=steps,
+            batch_size=1,
+            rank=16,
+            alpha=16.0,
+            preset="all_linear",
+            quantization="none",
+            seed=seed,
+            validation_every=0,
+            settings=["7", 0],
+        ),
+    }
+
+
+def core(info: dict, ckpt: str, steps: int, seed: int, dtype: str) -> dict:
+    return bench_train.core(info, steps, ckpt, rank=16, dtype=dtype, seed=seed, latents=2, learning_rate=1e-4)
+
+
+def step(build, ckpt: Path, dtype: str) -> tuple[float, float]:
+    """(seconds of a 1-step run once the checkpoint is loaded, the training server's peak RSS in bytes) for
+    one of ``ours`` / ``core``, training in ``dtype``."""
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        if build is ours:
+            with server(Path(tmp), ckpt, dtype) as prep:
+                photos(prep)
+                prep.run(cache_graph(prep.object_info()), timeout=1800)
+        with server(Path(tmp), ckpt, dtype) as s:
+            photos(s)
+            info = s.object_info()
+            graph = build(info, ckpt.name, 1, 1, dtype)
+            loader = next(k for k, v in graph.items() if v["class_type"] == "CheckpointLoaderSimple")
+            warm = {loader: graph[loader], "98": {"class_type": "PreviewAny", "inputs": {"source": [loader, 0]}}}
+            s.run(warm, timeout=3600)  # loads the checkpoint; cached from here on
+            return elapsed(s.run(graph, timeout=3600)), peak_rss_mib(s) * 2**20
+
+
+def pipeline(ckpt: Path, before: bool, quantization: str) -> float:
+    """Peak RSS (bytes) of the server running the bundled pipeline workflow on ``ckpt``."""
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp, server(Path(tmp), ckpt, "bf16") as s:
+        photos(s)
+        prompt = point_at_builtin_models(ui_to_api(json.loads(bundled(PIPELINE).read_text()), s.object_info()), 64)
+        set_inputs(prompt, "CheckpointLoaderSimple", ckpt_name=ckpt.name)
+        set_inputs(prompt, "SD35TunerLoadDataset", folder=FOLDER)
+        set_inputs(prompt, "SD35TunerSmartCrop", resolution=256)
+        set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="bf16")
+        set_inputs(prompt, "SD35TunerTrainLora", steps=1, validation_every=0, quantization=quantization)
+        set_inputs(prompt, "SD35TunerCompareCFGAPG", steps=1)
+        if before:
+            train = next(k for k, v in prompt.items() if v["class_type"] == "SD35TunerTrainLora")
+            loader = next(k for k, v in prompt.items() if v["class_type"] == "CheckpointLoaderSimple")
+            del prompt[train]["inputs"]["model"]
+            prompt[train]["inputs"]["base_model"] = ckpt.name
+            set_inputs(prompt, "SD35TunerCompareCFGAPG", model=[loader, 0])
+        s.run(prompt, timeout=3600)
+        return peak_rss_mib(s) * 2**20
