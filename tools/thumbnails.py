@@ -66,7 +66,12 @@ def train(server: ComfyServer) -> list[Path]:
 def pipeline(server: ComfyServer) -> list[Path]:
     run = run_pipeline(server, lora_name=f"{LORA_NAME}_thumbnail")
     set_inputs(run.prompt, "SD35TunerCompareCFGAPG", sweep_scales="")
-    return _images(server, server.run(run.prompt, timeout=3600), run.prompt, "SD35TunerCompareCFGAPG")[:1]
+    entry = server.run(run.prompt, timeout=3600)
+    compare = next(k for k, v in run.prompt.items() if v["class_type"] == "SD35TunerCompareCFGAPG")
+    [save] = [
+        k for k, v in run.prompt.items() if v["class_type"] == "SaveImage" and v["inputs"]["images"][0] == compare
+    ]
+    return server.output_files(entry, save)
 
 
 def cfg_vs_apg(server: ComfyServer) -> list[Path]:
@@ -88,6 +93,8 @@ RENDERERS: dict[str, Callable[[ComfyServer], list[Path]]] = {
 def thumbnail(pictures: list[Path], dest: Path) -> Path:
     """``pictures`` side by side (two rows when four), fitted into THUMBNAIL px (longer side, never enlarged
     past 3×), as a JPEG at ``dest``."""
+    if not pictures:
+        raise ValueError(f"nothing to make {dest.name} from: the workflow saved no picture")
     images = [Image.open(p).convert("RGB") for p in pictures]
     columns = 2 if len(images) == 4 else len(images)
     rows = -(-len(images) // columns)
