@@ -14,6 +14,11 @@ from tools.workflow_specs import CFG_VS_APG, bundled
 WORKFLOW = bundled(CFG_VS_APG)
 NODE = "SD35TunerCompareCFGAPG"
 VIEWER = ".sd35-apg-compare"
+CENTER_ON_NODE = """(type) => {
+    const node = window.app.graph._nodes.find((n) => n.type === type);
+    window.app.canvas.centerOnNode(node);
+    window.app.canvas.setDirty(true, true);
+}"""
 
 
 def picker_state(ui) -> dict:
@@ -60,6 +65,8 @@ def test_sweep_pickers_start_on_equal_strength_and_switch_pictures(comfy, tmp_pa
         assert result["cfg"][2]["filename"] in s["cfgSrc"] and result["apg"][matched]["filename"] in s["apgSrc"]
         assert "left: CFG w=9" in s["caption"] and "equal effective strength" in s["caption"]
         ui.screenshot(tmp_path / "apg_sweep_page.png")
+        ui.page.evaluate(CENTER_ON_NODE, NODE)
+        ui.page.wait_for_timeout(300)  # the DOM widget follows the canvas on the next frame
         ui.page.locator(VIEWER).screenshot(path=str(tmp_path / "apg_sweep_viewer.png"))
 
         other = (matched + 1) % 3
