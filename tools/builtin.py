@@ -22,6 +22,10 @@ def point_at_builtin_models(
     ``demo``: the pretrained demo base (``tools/demo_base.py``) and its VAE ``taesd3``, which draw
     pictures; otherwise the random tiny SD3 (or SD3.5 with ``sd35``) models, which only have shapes.
     """
+    if demo:
+        from .demo_samples import require_demo_models
+
+        require_demo_models()
     ckpt = paths.DEMO_CHECKPOINT if demo else paths.SD35_CHECKPOINT if sd35 else paths.SD3_CHECKPOINT
     for node in prompt.values():
         if node["class_type"] in ("TripleCLIPLoader", "DualCLIPLoader"):

@@ -23,8 +23,19 @@ CFG = 1.5  # low guidance: the tiny model's pictures stay smooth (3 adds token-s
 SAMPLE_STEPS = 20
 
 
+def require_demo_models() -> None:
+    """FileNotFoundError naming the missing demo checkpoint and how to build it (setup pretrains it once)."""
+    checkpoint = paths.MODELS / "checkpoints" / paths.DEMO_CHECKPOINT
+    if not checkpoint.is_file():
+        raise FileNotFoundError(
+            f"the demo base {checkpoint} is missing: run 'bash scripts/setup_env.sh' (with the same "
+            f"SD35_TUNER_HOME={paths.HOME}), which pretrains it once (about 3 minutes)"
+        )
+
+
 def sample_graph(text: str, lora: str | None = None, seed: int = SEED, cfg: float = CFG, size: int = SIZE) -> dict:
     """An API graph: the demo checkpoint (plus ``lora`` if given) samples ``text`` once and saves it."""
+    require_demo_models()
     model = ["lora", 0] if lora else ["ckpt", 0]
     graph: dict[str, Any] = {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": paths.DEMO_CHECKPOINT}},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from tools import paths
+from tools import demo_samples, paths
 
 SIZE = 128
 PAPER = {"eta": 0.0, "norm_threshold": 15.0, "threshold_mode": "scaled", "momentum": -0.5}
@@ -13,6 +13,7 @@ WINDOW = {"window_start": 0.0, "window_end": 1.0, "window_unit": "steps"}
 
 
 def sweep_graph(text: str, scales: str) -> dict:
+    demo_samples.require_demo_models()
     return {
         "ckpt": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": paths.DEMO_CHECKPOINT}},
         "clip": {"class_type": "CLIPLoader", "inputs": {"clip_name": paths.CLIP_L, "type": "sd3"}},
