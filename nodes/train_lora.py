@@ -294,7 +294,10 @@ class SD35TunerTrainLora(io.ComfyNode):
                 prompts=prompts,
                 on_images=report.on_images,
             )
-        except Exception as err:
+        except (
+            Exception,
+            comfy.model_management.InterruptProcessingException,
+        ) as err:  # a BaseException in ComfyUI 0.33
             report.stopped(err)
             raise
         finally:

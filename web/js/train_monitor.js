@@ -137,7 +137,9 @@ function buildMonitor() {
     validating = detail.done < detail.of ? { step: detail.step, done: detail.done, of: detail.of } : null;
     root.dataset.state = validating ? "validating" : "training";
     counted();
-    if (validating) status.textContent = `validating… step ${detail.step}/${detail.total}: sample ${detail.done}/${detail.of}`;
+    status.textContent = validating
+      ? `validating… step ${detail.step}/${detail.total}: sample ${detail.done}/${detail.of}`
+      : `step ${detail.step}/${detail.total}: validation samples made, drawing the grid…`;
     draw();
   }
 
@@ -147,6 +149,8 @@ function buildMonitor() {
     grids.push({ step: detail.step, url: viewUrl(detail.image), rows: detail.rows, prompts: detail.prompts });
     root.dataset.grids = String(grids.length);
     counted();
+    const more = detail.step < detail.total ? "; training goes on" : "";
+    status.textContent = `step ${detail.step}/${detail.total}: validation grid below${more}`;
     const index = grids.length - 1;
     const pick = el("button", { fontSize: "10px", padding: "0 4px" }, { textContent: `step ${detail.step}` });
     pick.addEventListener("click", () => showGrid(index));
