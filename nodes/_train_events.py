@@ -92,13 +92,17 @@ class RunReporter:
     def stopped(self, error: BaseException) -> str:
         """Tell the node how the run ended early, where its checkpoint is and how to continue; returns the text."""
         from ..training.checkpoint import list_checkpoints
+        from ..training.folder_lock import FolderInUseError
 
         cancelled = isinstance(error, comfy.model_management.InterruptProcessingException)
+        busy = isinstance(error, FolderInUseError)  # another run's folder: its checkpoints are not this run's
         output = Path(folder_paths.get_output_directory()).resolve()
-        checkpoint = next(reversed(list_checkpoints(self.work_dir)), None)
+        checkpoint = None if busy else next(reversed(list_checkpoints(self.work_dir)), None)
         what = "Cancelled" if cancelled else f"Failed: {error}."
         where = f" after step {self.step} of {self.total}." if cancelled else ""
-        if checkpoint is None:
+        if busy:
+            what, how = f"Not started: {error}", ""  # the error says whose run and what to do
+        elif checkpoint is None:
             how = " No checkpoint was written; the next run starts from scratch."
         else:
             how = (

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import comfy.latent_formats
+import comfy.model_base
 import comfy.sd
 import comfy.utils
 import folder_paths
@@ -35,6 +36,42 @@ def base_model_path(choice: str) -> Path:
     return Path(path)
 
 
+def check_model_input(model, base_model: str) -> None:
+    """The trainer's ``model`` input, if any, is an SD3/SD3.5 MODEL; base_model '(use the MODEL input)' needs one."""
+    from ._model_base import FROM_MODEL
+
+    if model is None and base_model == FROM_MODEL:
+        raise ValueError(f"base_model is '{FROM_MODEL}' but nothing is connected to 'model': connect a MODEL")
+    if model is not None and not isinstance(model.model, comfy.model_base.SD3):
+        raise ValueError(
+            f"model: got a {type(model.model).__name__} model; connect the SD3/SD3.5 MODEL the LoRA should be "
+            "applied to (or leave 'model' empty)"
+        )
+
+
+def training_base(model, base_model: str):
+    """What the run trains: the connected MODEL's weights (named after base_model when that names a file),
+    else the base_model file."""
+    from ._model_base import FROM_MODEL, graph_base
+
+    if model is not None:
+        return graph_base(model, None if base_model == FROM_MODEL else base_model)
+    return base_model_path(base_model)
+
+
+def run_notes(archived: Path | None) -> list[str]:
+    """What the node says after a run besides the loss: where a fresh run moved an earlier run's files."""
+    if archived is None:
+        return []
+    output = Path(folder_paths.get_output_directory()).resolve()
+    where = f"output/{archived.resolve().relative_to(output).as_posix()}"
+    return [
+        f"This run started fresh (resume off), so the earlier run's checkpoints and validation images in this "
+        f"run folder were moved to {where}/. To continue that run, move its checkpoint-* folders back and tick "
+        "resume; otherwise delete the folder when you no longer need it."
+    ]
+
+
 def run_dir(lora_name: str) -> Path:
     """``output/sd35_tuner_runs/<lora_name>``: checkpoints and validation samples of the run, keyed by the name
     asked for (not the ``_2`` version written), so ``resume`` finds them. Resolved and confined to output/."""
@@ -57,9 +94,23 @@ def run_problems(lora_name: str, resume: bool) -> dict[str, str]:
     if resume and not list_checkpoints(folder):
         return {
             "resume": f"resume: no checkpoint of '{lora_name}' to continue from in {folder}; untick resume to "
-            "start a fresh run, or set lora_name to the run you want to continue"
+            "start a fresh run, or set lora_name to the run you want to continue" + archived_hint(folder)
         }
     return {}
+
+
+def archived_hint(folder: Path) -> str:
+    """Where earlier runs' checkpoints were moved by fresh runs in ``folder`` (``previous-*``), as advice."""
+    from ..training.checkpoint import list_checkpoints
+    from ..training.run_folder import ARCHIVE_PREFIX
+
+    kept = sorted(p.name for p in folder.glob(f"{ARCHIVE_PREFIX}*") if p.is_dir() and list_checkpoints(p))
+    if not kept:
+        return ""
+    return (
+        f". Earlier runs' checkpoints were moved to {', '.join(kept)} in that folder (a fresh run does that): "
+        "move a checkpoint-* folder from there back into it to continue that run"
+    )
 
 
 def vae_decoder(vae):

@@ -12,22 +12,23 @@ import json
 import logging
 from pathlib import Path
 
-import comfy.model_base
 import comfy.model_management
 import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
 from ._lora_io import NO_LORA, existing_lora_options, start_lora, trained_adapter
-from ._model_base import FROM_MODEL, graph_base, model_dtype
+from ._model_base import FROM_MODEL, model_dtype
 from ._train_events import RunReporter
 from ._train_glue import (
     RUNS_FOLDER,
     apply_lora,
     base_model_options,
-    base_model_path,
+    check_model_input,
     run_dir,
+    run_notes,
     run_problems,
+    training_base,
     vae_decoder,
 )
 from ._train_validation import encode_prompts, guidance_problems, row_labels, split_prompts, validation_inputs
@@ -253,13 +254,7 @@ class SD35TunerTrainLora(io.ComfyNode):
         if start is not None:
             widgets["rank"] = start.rank  # a continued LoRA keeps its rank
         cfg = train_config(settings, widgets, epochs, len(cache), model)
-        if model is None and base_model == FROM_MODEL:
-            raise ValueError(f"base_model is '{FROM_MODEL}' but nothing is connected to 'model': connect a MODEL")
-        if model is not None and not isinstance(model.model, comfy.model_base.SD3):
-            raise ValueError(
-                f"model: got a {type(model.model).__name__} model; connect the SD3/SD3.5 MODEL the LoRA should be "
-                "applied to (or leave 'model' empty)"
-            )
+        check_model_input(model, base_model)
         prompts = encode_prompts(clip, cache, split_prompts(validation_prompts))
         if prompts and vae is None:
             raise ValueError("validation_prompts need the trainer's vae input to show the samples (or clear them)")
@@ -271,10 +266,7 @@ class SD35TunerTrainLora(io.ComfyNode):
         )
         comfy.model_management.unload_all_models()
         comfy.model_management.soft_empty_cache()
-        if model is not None:
-            base = graph_base(model, None if base_model == FROM_MODEL else base_model)
-        else:
-            base = base_model_path(base_model)
+        base = training_base(model, base_model)
         workflow = (cls.hidden.extra_pnginfo or {}).get("workflow")
         try:
             output = run_training(
@@ -313,6 +305,7 @@ class SD35TunerTrainLora(io.ComfyNode):
         shown = grid if output.decoded else chart
         panel = {**ui.PreviewImage(shown, cls=cls).as_dict(), "lora_name": [name], "losses": output.losses}
         panel["memory"] = output.memory  # the memory plan: what memory_preset auto chose and the pre-flight
+        panel["notes"] = run_notes(output.archived)
         adapter = trained_adapter(output.lora_path)
         return io.NodeOutput(name, patched, chart, json.dumps(output.losses), grid, adapter, ui=panel)
 

@@ -92,7 +92,11 @@ class Events:
                 message = self.ws.recv()
             except Exception:  # closed
                 return
-            if isinstance(message, str) and (event := json.loads(message))["type"].startswith("sd35tuner.train."):
+            if (
+                isinstance(message, str)
+                and message
+                and (event := json.loads(message))["type"].startswith("sd35tuner.train.")
+            ):
                 self.seen.append((event["type"].removeprefix("sd35tuner.train."), event["data"]))
 
     def since(self, mark: int, kind: str) -> list[dict]:
@@ -275,3 +279,42 @@ def test_cancel_is_noticed_between_validation_samples(comfy, base_prompt, events
     (stopped,) = events.since(mark, "stopped")
     assert stopped["reason"] == "cancelled" and stopped["step"] == 1
     assert events.since(mark, "validation") == []  # stopped inside the first validation, before its grid
+
+
+def test_a_fresh_run_says_where_it_moved_the_earlier_runs_checkpoints(comfy, base_prompt):
+    name = f"again_{uuid.uuid4().hex[:6]}"
+    run_dir = comfy.base_dir / "output" / "sd35_tuner_runs" / name
+    (run_dir / "checkpoint-000003").mkdir(parents=True)  # what an earlier run of this name left
+    entry = comfy.run(_prompt(base_prompt, name, steps=1), timeout=600)
+    (archive,) = run_dir.glob("previous-*")
+    assert (archive / "checkpoint-000003").is_dir()
+    (note,) = entry["outputs"]["8"]["notes"]  # shown in the node's message box
+    assert f"moved to output/sd35_tuner_runs/{name}/{archive.name}/" in note and "tick resume" in note
+
+
+def test_a_run_folder_in_use_stops_saying_only_that(comfy, base_prompt, events):
+    from training.folder_lock import folder_lock
+
+    name = f"busy_{uuid.uuid4().hex[:6]}"
+    run_dir = comfy.base_dir / "output" / "sd35_tuner_runs" / name
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint-000002").mkdir()  # the other run's: not this run's to resume
+    mark = len(events.seen)
+    with folder_lock(run_dir, "a test's own run"):
+        entry = comfy.wait(comfy.queue(_prompt(base_prompt, name)), timeout=600)
+    assert "is in use by" in execution_error(entry)["exception_message"]
+    (stopped,) = events.since(mark, "stopped")
+    assert stopped["message"].startswith("Not started: ") and "a test's own run" in stopped["message"]
+    assert "resume" not in stopped["message"] and stopped["checkpoint"] is None
+
+
+def test_resume_with_nothing_to_resume_points_at_earlier_runs_moved_aside(comfy):
+    from tests.integration.test_node_validation import refusal
+
+    name = f"moved_{uuid.uuid4().hex[:6]}"
+    (comfy.base_dir / "output" / "sd35_tuner_runs" / name / "previous-20260101T000000Z" / "checkpoint-000004").mkdir(
+        parents=True
+    )
+    errors = refusal(comfy, "SD35TunerTrainLora", {"lora_name": name, "resume": True})
+    (error,) = [e for e in errors if e["extra_info"]["input_name"] == "resume"]
+    assert "no checkpoint of" in error["details"] and "previous-20260101T000000Z" in error["details"], error

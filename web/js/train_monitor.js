@@ -170,9 +170,11 @@ function buildMonitor() {
     draw();
   }
 
-  function finish(losses, name, memory) {
+  function finish(losses, name, memory, notes) {
     plan.textContent = (memory ?? []).join("\n");
     plan.style.display = memory?.length ? "block" : "none";
+    message.textContent = (notes ?? []).join("\n"); // e.g. where a fresh run moved the earlier run's checkpoints
+    message.style.display = notes?.length ? "block" : "none";
     validating = null;
     root.dataset.state = "done";
     points = losses.map((v, i) => [i + 1, v]);
@@ -215,7 +217,7 @@ app.registerExtension({
     });
     chainHook(nodeType.prototype, "onExecuted", function (message) {
       if (Array.isArray(message?.losses))
-        this.sd35Monitor?.finish(message.losses, message.lora_name?.[0], message.memory);
+        this.sd35Monitor?.finish(message.losses, message.lora_name?.[0], message.memory, message.notes);
     });
   },
 });
