@@ -112,6 +112,13 @@ def test_the_pipeline_template_flags_what_is_missing_before_any_edit(comfy, phot
             arg=photos_folder,
             timeout=30_000,
         )
+        withdrawn = ui.page.evaluate_handle(  # the toasts the page takes back from now on
+            """() => {
+                const toast = window.app.extensionManager.toast, removed = [], remove = toast.remove.bind(toast);
+                toast.remove = (message) => { removed.push(message.summary); return remove(message); };
+                return removed;
+            }"""
+        )
         ui.page.evaluate(
             """(name) => {
                 const node = window.app.graph.nodes.find((n) => n.type === 'SD35TunerLoadDataset');
@@ -120,6 +127,7 @@ def test_the_pipeline_template_flags_what_is_missing_before_any_edit(comfy, phot
             photos_folder,
         )
         assert hints(ui) == {}
+        assert any("does not have" in summary for summary in withdrawn.json_value())  # its warning too
         assert ui.unexpected_errors() == []
 
 

@@ -1,7 +1,8 @@
 // Flags, when a workflow opens, the choices on our nodes that this ComfyUI does not have — a dataset
 // folder under input/, a base model file — on the node itself (saying where the file or folder goes)
-// and in one warning toast, before anything runs. The frontend's own missing-models check covers model
-// loaders that carry a download address; no frontend check covers a folder of pictures.
+// and in one warning toast, before anything runs; the toast is taken back once they are all there.
+// The frontend's own missing-models check covers model loaders that carry a download address; no
+// frontend check covers a folder of pictures.
 import { chainHook, el } from "./shared/dom.js";
 
 const { app } = window.comfyAPI.app;
@@ -69,6 +70,8 @@ function showHint(node, missing) {
   node.setDirtyCanvas?.(true, true);
 }
 
+let warning = null; // the toast shown when the workflow opened, taken back once nothing is missing
+
 function check(node) {
   const missing = missingChoices(node);
   showHint(node, missing);
@@ -77,25 +80,36 @@ function check(node) {
 
 const ourNodes = () => app.graph.nodes.filter((n) => n.comfyClass?.startsWith(PREFIX));
 
+function withdrawWarning() {
+  if (!warning || ourNodes().some((n) => missingChoices(n).length)) return;
+  app.extensionManager?.toast?.remove?.(warning);
+  warning = null;
+}
+
 app.registerExtension({
   name: "sd35tuner.MissingInputs",
   beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData.name.startsWith(PREFIX)) return;
     chainHook(nodeType.prototype, "onWidgetChanged", function () {
       check(this);
+      withdrawWarning();
     });
   },
   async refreshComboInNodes() {
     ourNodes().forEach(check); // R reloads the choices: a folder or file added since is found now
+    withdrawWarning();
   },
   async afterConfigureGraph() {
+    if (warning) app.extensionManager?.toast?.remove?.(warning); // another workflow's
+    warning = null;
     const found = ourNodes().flatMap((n) => check(n).map(([name, value]) => `${n.title}: ${name} '${value}'`));
     if (!found.length) return;
-    app.extensionManager?.toast?.add({
+    warning = {
       severity: "warn",
       summary: "This workflow names files or folders this ComfyUI does not have",
       detail: `${found.join("\n")}\nThe nodes say where each one goes.`,
       life: 15000,
-    });
+    }; // taken back earlier once everything it names is there (withdrawWarning)
+    app.extensionManager?.toast?.add(warning);
   },
 });
