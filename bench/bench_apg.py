@@ -36,6 +36,23 @@ def import_pack_node_module():
     return il.import_module("sd35_tuner.nodes.apg")
 
 
+def report(pairs: list, hook_seconds: float, size: int, steps: int, cfg: float, threads: int) -> None:
+    """Print the medians of the interleaved (CFG, APG) pairs; last line the wall-time ratio."""
+    # each pair ran back to back, so a pair's ratio sees one machine load; the median drops noisy pairs
+    wall_ratio = statistics.median(a[0] / c[0] for c, a in pairs)
+    cpu_ratio = statistics.median(a[1] / c[1] for c, a in pairs)
+    cfg_ms = statistics.median(c[0] for c, _ in pairs) * 1000
+    apg_ms = statistics.median(a[0] for _, a in pairs) * 1000
+    print(f"size {size}px, {steps} steps, cfg {cfg}, {len(pairs)} interleaved pairs, torch threads {threads}")
+    print(f"CFG median {cfg_ms:.1f} ms per run, APG median {apg_ms:.1f} ms per run")
+    apg_total = sum(a[0] for _, a in pairs)
+    share = hook_seconds / apg_total
+    print(f"APG hook: {hook_seconds / (len(pairs) * steps) * 1000:.2f} ms per step, {share:.2%} of APG run time")
+    print(f"APG/CFG ratio implied by the hook's share: {1 / (1 - share):.3f}")
+    print(f"APG/CFG CPU-time ratio (median of pairs): {cpu_ratio:.3f}")
+    print(f"APG/CFG wall-time ratio (median of pairs): {wall_ratio:.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=512, help="image side in pixels (latent = size / 8)")
@@ -104,24 +121,7 @@ def main() -> None:
                 cfg_t = run(cfg_model)
             pairs.append((cfg_t, apg_t))
 
-    # each pair ran back to back, so a pair's ratio sees one machine load; the median drops noisy pairs
-    wall_ratio = statistics.median(a[0] / c[0] for c, a in pairs)
-    cpu_ratio = statistics.median(a[1] / c[1] for c, a in pairs)
-    cfg_ms = statistics.median(c[0] for c, _ in pairs) * 1000
-    apg_ms = statistics.median(a[0] for _, a in pairs) * 1000
-    print(
-        f"size {args.size}px, {args.steps} steps, cfg {args.cfg}, {args.repeats} interleaved pairs, "
-        f"torch threads {torch.get_num_threads()}"
-    )
-    print(f"CFG median {cfg_ms:.1f} ms per run, APG median {apg_ms:.1f} ms per run")
-    apg_total = sum(a[0] for _, a in pairs)
-    share = hook_seconds[0] / apg_total
-    print(
-        f"APG hook: {hook_seconds[0] / (args.repeats * args.steps) * 1000:.2f} ms per step, {share:.2%} of APG run time"
-    )
-    print(f"APG/CFG ratio implied by the hook's share: {1 / (1 - share):.3f}")
-    print(f"APG/CFG CPU-time ratio (median of pairs): {cpu_ratio:.3f}")
-    print(f"APG/CFG wall-time ratio (median of pairs): {wall_ratio:.3f}")
+    report(pairs, hook_seconds[0], args.size, args.steps, args.cfg, torch.get_num_threads())
 
 
 if __name__ == "__main__":
