@@ -118,6 +118,7 @@ def pipeline(ckpt: Path, before: bool, quantization: str) -> float:
         set_inputs(prompt, "SD35TunerSmartCrop", resolution=256)
         set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="bf16")
         set_inputs(prompt, "SD35TunerTrainLora", steps=1, validation_every=0, quantization=quantization)
+        set_inputs(prompt, "SD35TunerTrainLora", base_model=FROM_MODEL)  # as bundled (the helper sets a file)
         set_inputs(prompt, "SD35TunerCompareCFGAPG", steps=1)
         if before:
             train = next(k for k, v in prompt.items() if v["class_type"] == "SD35TunerTrainLora")

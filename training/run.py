@@ -181,7 +181,7 @@ def run_training(
         if data is not None:
             check_compatible(data.meta, transformer.config)
     trainable = count_trainable(transformer)
-    logger.info("training %d LoRA parameters on %d modules of %s", trainable, len(spec.targets), base_model)
+    logger.info("training %d LoRA parameters on %d modules of %s", trainable, len(spec.targets), base_name(base_model))
     work_dir = Path(work_dir)
     validation = Validation(
         transformer, source, sample_settings(cfg), samples, decode, on_validation, prompts, on_images
