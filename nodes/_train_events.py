@@ -23,11 +23,11 @@ import time
 from pathlib import Path
 
 import comfy.model_management
-import folder_paths
 import torch
 from comfy_api.latest import io, ui
 
 from ._progress import progress_callback
+from ._train_glue import output_relative
 
 PROGRESS_EVENT = "sd35tuner.train.progress"
 VALIDATING_EVENT = "sd35tuner.train.validating"
@@ -96,8 +96,8 @@ class RunReporter:
 
         cancelled = isinstance(error, comfy.model_management.InterruptProcessingException)
         busy = isinstance(error, FolderInUseError)  # another run's folder: its checkpoints are not this run's
-        output = Path(folder_paths.get_output_directory()).resolve()
         checkpoint = None if busy else next(reversed(list_checkpoints(self.work_dir)), None)
+        saved = None if checkpoint is None else output_relative(checkpoint)
         what = "Cancelled" if cancelled else f"Failed: {error}."
         where = f" after step {self.step} of {self.total}." if cancelled else ""
         if busy:
@@ -106,7 +106,7 @@ class RunReporter:
             how = " No checkpoint was written; the next run starts from scratch."
         else:
             how = (
-                f" Checkpoint: output/{checkpoint.resolve().relative_to(output).as_posix()}. To continue, tick "
+                f" Checkpoint: output/{saved}. To continue, tick "
                 f"'resume' with lora_name '{self.lora_name}' and run again."
             )
         message = what + where + how
@@ -117,8 +117,8 @@ class RunReporter:
                 "step": self.step,
                 "total": self.total,
                 "message": message,
-                "checkpoint": None if checkpoint is None else checkpoint.resolve().relative_to(output).as_posix(),
-                "run_dir": self.work_dir.resolve().relative_to(output).as_posix(),
+                "checkpoint": saved,
+                "run_dir": output_relative(self.work_dir),
                 "lora_name": self.lora_name,
             },
         )

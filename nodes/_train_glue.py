@@ -63,13 +63,17 @@ def run_notes(archived: Path | None) -> list[str]:
     """What the node says after a run besides the loss: where a fresh run moved an earlier run's files."""
     if archived is None:
         return []
-    output = Path(folder_paths.get_output_directory()).resolve()
-    where = f"output/{archived.resolve().relative_to(output).as_posix()}"
+    where = f"output/{output_relative(archived)}"
     return [
         f"This run started fresh (resume off), so the earlier run's checkpoints and validation images in this "
         f"run folder were moved to {where}/. To continue that run, move its checkpoint-* folders back and tick "
         "resume; otherwise delete the folder when you no longer need it."
     ]
+
+
+def output_relative(path: Path) -> str:
+    """``path`` (inside ComfyUI's output folder) relative to that folder, as the node shows it."""
+    return path.resolve().relative_to(Path(folder_paths.get_output_directory()).resolve()).as_posix()
 
 
 def run_dir(lora_name: str) -> Path:
