@@ -31,7 +31,6 @@ import torch
 from safetensors import safe_open
 
 from tools import paths
-from tools.model_formats import FP8_MAX, is_quantisable, write_streamed
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."
@@ -93,6 +92,8 @@ def checkpoint(size: str, fp8: bool = False, vae: bool = False) -> Path:
     path = paths.HOME / "bench" / name
     if path.exists():
         return path
+    from tools.model_formats import FP8_MAX, is_quantisable, write_streamed  # (--compare children import none)
+
     shapes = mmdit_shapes(size)
     specs = [(PREFIX + "scaled_fp8", (0,), torch.float8_e4m3fn)] if fp8 else []
     vae_file = safe_open(str(paths.MODELS / "vae" / paths.SD3_VAE), "pt") if vae else None
@@ -156,11 +157,30 @@ def child_load(path: str, mode: str) -> dict:
 
         start = time.perf_counter()
         model = load_transformer(path, "bf16")
+        mid = time.perf_counter()
         quantize_base(model, mode)
+        quantise_s = time.perf_counter() - mid
     else:
+        build = sys.modules["training.loading.build"]
+        quantise_s, quantize_linear = 0.0, build.quantize_linear
+
+        def timed(*args, **kwargs) -> None:  # the seconds spent quantising, out of the block-by-block load
+            nonlocal quantise_s
+            began = time.perf_counter()
+            quantize_linear(*args, **kwargs)
+            quantise_s += time.perf_counter() - began
+
+        build.quantize_linear = timed
         start = time.perf_counter()
         model = load_base(path, "bf16", mode)
-    return {"total_s": time.perf_counter() - start, "import_s": import_s, "rss": peak_rss()}
+    total_s = time.perf_counter() - start
+    return {
+        "total_s": total_s,
+        "quantise_s": quantise_s,
+        "import_s": import_s,
+        "rss": peak_rss(),
+        "model": model is not None,
+    }
 
 
 def child_model(path: str, mode: str) -> dict:
@@ -275,15 +295,21 @@ def main() -> None:
 def file_rows(path: Path, size: int, modes: list[str], compare: Path | None) -> dict[str, float]:
     ratios = {}
     for mode in modes:
+        seconds = {}
         for label, repo in (("before", compare), ("now", REPO)):
             if repo is None:
                 continue
             r = run_child("load", str(path), mode, repo=repo)
-            ratios[mode] = r["rss"] / size
+            ratios[mode], seconds[label] = r["rss"] / size, r["quantise_s"]
             print(
-                f"file  {mode:5s} {label:6s} load+quantise {r['total_s']:6.1f} s (+ imports {r['import_s']:4.1f} s)  "
+                f"file  {mode:5s} {label:6s} load+quantise {r['total_s']:6.1f} s, of which quantise "
+                f"{r['quantise_s']:5.1f} s (+ imports {r['import_s']:4.1f} s)  "
                 f"peak RSS {r['rss'] / 2**30:5.2f} GiB = {ratios[mode]:.2f} x bf16",
                 flush=True,
+            )
+        if mode != "none" and len(seconds) == 2:
+            print(
+                f"file  {mode:5s} quantising {seconds['before'] / seconds['now']:.1f}x faster than before", flush=True
             )
     return ratios
 

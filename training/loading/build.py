@@ -11,6 +11,7 @@ the memory-mapped file, or of a ComfyUI MODEL's weights.
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import re
 from collections.abc import Callable
@@ -19,12 +20,13 @@ import torch
 
 from . import mmdit
 from .formats import FP8, Plan, dequantize
-from .quantize import quantize_linear
+from .quantize import quantize_linear, workspace
 from .selfcheck import explain, weight_problem
 from .sources import ModelLoadError, StateDictSource, TensorSource
 
 logger = logging.getLogger(__name__)
 Progress = Callable[[int, int], None]
+Quantize = Callable[[torch.nn.Module, str], None]
 
 
 def _groups(src: TensorSource, plan: Plan) -> list[tuple[str, list[mmdit.Entry]]]:
@@ -92,9 +94,12 @@ def build(
     groups = _groups(src, plan)
     problems: list[str] = []
     shared = total = 0
+    quantize = None
+    if quantization != "none":
+        quantize = functools.partial(quantize_linear, quantization=quantization, scratch=workspace(quantization))
     for done, (prefix, entries) in enumerate(groups):
         for entry in entries:
-            counts = _load_entry(model, src, plan, entry, dtype, device, quantization if prefix else "none", problems)
+            counts = _load_entry(model, src, plan, entry, dtype, device, quantize if prefix else None, problems)
             shared, total = shared + counts[0], total + counts[1]
         if problems:
             raise ModelLoadError(explain(src.name, problems))
@@ -118,7 +123,9 @@ def build(
     return model.eval().requires_grad_(False)
 
 
-def _load_entry(model, src, plan, entry, dtype, device, quantization: str, problems: list[str]) -> tuple[int, int]:
+def _load_entry(
+    model, src, plan, entry, dtype, device, quantize: Quantize | None, problems: list[str]
+) -> tuple[int, int]:
     """Read one source tensor, assign its diffusers tensor(s), check them, and quantise each Linear whose
     weight just arrived, so at most one layer's float weight exists besides the quantised model."""
     tensor = _read(src, plan, entry.source, dtype, device)
@@ -134,13 +141,14 @@ def _load_entry(model, src, plan, entry, dtype, device, quantization: str, probl
             problems.append(problem)
         module_name = key.removesuffix(".weight")
         if (
-            quantization != "none"
+            quantize is not None
             and key.endswith(".weight")
             and type(model.get_submodule(module_name)) is torch.nn.Linear
         ):
-            quantize_linear(model, module_name, quantization)
+            quantize(model, module_name)
     del tensor
-    _release(src, [plan.prefix + entry.source], quantization)
+    if quantize is not None:
+        _release(src, [plan.prefix + entry.source])
     return shared, total
 
 
@@ -152,10 +160,10 @@ def _check(key: str, value: torch.Tensor) -> str | None:
     return weight_problem(key, value)
 
 
-def _release(src: TensorSource, keys: list[str], quantization: str) -> None:
+def _release(src: TensorSource, keys: list[str]) -> None:
     """Hand back the mapped pages of tensors that were converted (quantised): they are not used again."""
     release = getattr(src, "release", None)
-    if release is not None and quantization != "none":
+    if release is not None:
         release(keys)
 
 
