@@ -31,6 +31,7 @@ import torch
 from safetensors import safe_open
 
 from tools import paths
+from tools.comfy_import import import_comfy
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "model.diffusion_model."
@@ -186,14 +187,7 @@ def child_load(path: str, mode: str) -> dict:
 def child_model(path: str, mode: str) -> dict:
     """Fresh process: ComfyUI loads the checkpoint (as CheckpointLoaderSimple does, under inference mode),
     then the trainer builds its base from that MODEL's tensors, as the node does with a MODEL input."""
-    sys.path.insert(0, str(paths.COMFYUI))
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu", "--bf16-unet"]
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import comfy.cli_args  # noqa: F401
-
-    sys.argv = argv
+    import_comfy("--bf16-unet")
     import comfy.sd
 
     from training.loading import InMemoryBase, load_base
@@ -202,9 +196,7 @@ def child_model(path: str, mode: str) -> dict:
     with torch.inference_mode():
         model = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
     comfy_s, dtype = time.perf_counter() - start, model.model.get_dtype()
-    state = dict(model.model.diffusion_model.state_dict())
-    if getattr(model.model.model_config, "scaled_fp8", None) is not None:
-        state["scaled_fp8"] = torch.empty(0, dtype=model.model.model_config.scaled_fp8)
+    state = dict(model.model.diffusion_model.state_dict())  # (a bf16 file: no fp8 marker to hand over)
     names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
     ours = load_base(InMemoryBase(state, "MODEL"), names.get(dtype, "bf16"), mode)
     assert ours is not None

@@ -8,9 +8,10 @@
   step is minutes, so a second run to difference them out was not affordable). Our latent cache is built
   in a server of its own first (core's node gets empty latents: the values do not change speed or memory).
 - ``pipeline``: the bundled pipeline workflow (photos → cache → train → CFG vs APG) pointed at the checkpoint,
-  1 training step and a 1-step 64 px comparison: "before", the trainer re-reads the file while the graph
-  holds the checkpoint loader's MODEL (how the workflow was before the MODEL input; the comparison samples
-  the loader's MODEL), against "after", the bundled graph training on the loader's MODEL.
+  1 training step, its final validation samples in 1 sampler step, and a 1-step 64 px comparison: "before",
+  the trainer re-reads the file while the graph holds the checkpoint loader's MODEL (how the workflow was
+  before the MODEL input; the comparison samples the loader's MODEL), against "after", the bundled graph
+  training on the loader's MODEL.
 
 ComfyUI runs with ``--bf16-unet`` (on a CPU it would otherwise hold the model in fp32, which no GPU user has).
 """
@@ -128,6 +129,7 @@ def pipeline(ckpt: Path, before: bool, quantization: str) -> tuple[float, float]
         set_inputs(prompt, "SD35TunerSmartCrop", resolution=256)
         set_inputs(prompt, "SD35TunerTrainSettings", base_dtype="bf16")
         set_inputs(prompt, "SD35TunerTrainLora", steps=1, validation_every=0, quantization=quantization)
+        set_inputs(prompt, "SD35TunerTrainLora", validation_steps=1)  # the final samples: 1 step, not 20
         set_inputs(prompt, "SD35TunerTrainLora", base_model=FROM_MODEL)  # as bundled (the helper sets a file)
         set_inputs(prompt, "SD35TunerCompareCFGAPG", steps=1)
         if before:

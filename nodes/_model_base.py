@@ -9,6 +9,7 @@ quantised tensors) and dequantised one layer at a time.
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -38,9 +39,11 @@ def graph_base(model, name: str | None = None):
     from ..training.loading import InMemoryBase
 
     state = _DequantisedOnAccess(model.model.diffusion_model.state_dict())
-    config = model.model.model_config
-    if getattr(config, "scaled_fp8", None) is not None:  # ComfyUI popped the marker when it loaded the file
-        state["scaled_fp8"] = torch.empty(0, dtype=config.scaled_fp8)
+    # ComfyUI up to 0.3.x popped the marker when it loaded the file; newer ones have no such attribute and
+    # warn on reading it (their config's __getattr__), so it is looked up without calling that
+    scaled_fp8 = inspect.getattr_static(model.model.model_config, "scaled_fp8", None)
+    if scaled_fp8 is not None:
+        state["scaled_fp8"] = torch.empty(0, dtype=scaled_fp8)
     if getattr(model, "patches", None):
         logger.warning(
             "the MODEL input carries %d weight patches (e.g. LoRAs); the trainer uses the unpatched base weights",

@@ -12,13 +12,14 @@ import sys
 from . import paths
 
 
-def import_comfy() -> None:
-    """Make ``import comfy.*`` work in this process, on the CPU. Idempotent."""
+def import_comfy(*options: str) -> None:
+    """Make ``import comfy.*`` work in this process, on the CPU, with ComfyUI's command-line ``options``
+    (e.g. ``--bf16-unet``) as the first import parses them. Idempotent."""
     if str(paths.COMFYUI) not in sys.path:
         sys.path.insert(0, str(paths.COMFYUI))
     if "comfy.cli_args" in sys.modules:
         return
-    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu"]
+    argv, sys.argv = sys.argv, [sys.argv[0], "--cpu", *options]
     try:
         import comfy.options
 
