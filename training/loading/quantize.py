@@ -28,12 +28,11 @@ def workspace(quantization: str) -> quanto_cpu.Workspace | None:
     return quanto_cpu.Workspace() if quantization in ("int8", "int4") else None
 
 
-def quantize_linears(module: torch.nn.Module, quantization: str, scratch: quanto_cpu.Workspace | None = None) -> None:
+def quantize_linears(module: torch.nn.Module, quantization: str, scratch: quanto_cpu.Workspace | None) -> None:
     """Replace every Linear inside ``module`` by a frozen quanto QLinear, freeing each float weight as
     soon as its quantised copy exists (peak: one layer's float weight, not the whole model's)."""
     if quantization == "none":
         return
-    scratch = scratch or workspace(quantization)
     for name, child in list(module.named_modules()):
         if type(child) is torch.nn.Linear:
             quantize_linear(module, name, quantization, scratch)

@@ -97,10 +97,10 @@ def _int4(weight: torch.Tensor, workspace: Workspace):
     shift = torch.empty_like(scale)
     rows = max(_ROWS, _CHUNK // in_features // _ROWS * _ROWS)
     for start in range(0, out_features, rows):
-        part = weight[start : start + rows]
-        groups = slice(start * in_features // GROUP, (start + part.shape[0]) * in_features // GROUP)
-        codes = _int4_codes(part, scale[groups], shift[groups], workspace)
-        _pack_into(codes, packed[start // _ROWS : (start + part.shape[0]) // _ROWS], workspace)
+        end = min(start + rows, out_features)
+        groups = slice(start * in_features // GROUP, end * in_features // GROUP)
+        codes = _int4_codes(weight[start:end], scale[groups], shift[groups], workspace)
+        _pack_into(codes, packed[start // _ROWS : end // _ROWS], workspace)
     data = TinyGemmPackedTensor(packed.view(out_features, in_features // 2), weight.size(), weight.stride())
     return TinyGemmWeightQBitsTensor(
         qint4, 0, GROUP, weight.size(), weight.stride(), data, _scale_shift(scale, shift, out_features)
