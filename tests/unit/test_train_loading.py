@@ -167,6 +167,16 @@ def test_block_by_block_quantisation_equals_quantising_after_loading(mm, quant):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("quant", ["none", "int8", "int4"])
+def test_a_non_finite_weight_is_refused_naming_the_file_and_key(mm, quant):
+    damaged = dict(mm)
+    key = "joint_blocks.1.x_block.mlp.fc2.weight"
+    damaged[key] = damaged[key].clone()
+    damaged[key][3, 5] = float("inf")
+    with pytest.raises(ModelLoadError, match=r"damaged\.safetensors(.|\n)*transformer_blocks\.1\.ff\.net\.2\.weight"):
+        load_from_state_dict(damaged, dtype="bf16", quantization=quant, name="damaged.safetensors")
+
+
 def test_round_trip_of_the_key_map(mm, reference):
     back = diffusers_to_mmdit(reference)
     assert back.keys() == mm.keys()

@@ -138,7 +138,8 @@ def _load_entry(
         shared += value.untyped_storage().data_ptr() == origin
         _assign(model, key, value, src.name)
         if value.ndim == 2 and key.endswith(".weight") and (problem := _check(key, value)):
-            problems.append(problem)
+            problems.append(problem)  # the load stops after this block, naming the file and the key
+            continue
         module_name = key.removesuffix(".weight")
         if (
             quantize is not None
