@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from .config import TrainConfig
+from .cpu_linear import float32_products_on_cpu
 from .data import TrainingSource
 from .export import PACK_VERSION, export_lora
 from .folder_lock import folder_lock
@@ -73,7 +74,8 @@ def prepare_model(
     """The model a run trains: the base (a file, or a ComfyUI MODEL's weights) built block by block on
     ``device``, quantised and frozen as asked, then the LoRA attached: a fresh one, or with ``start`` an
     existing LoRA's targets, rank and weights. With ``cfg.block_offload`` the joint blocks' frozen
-    weights stay in CPU RAM and visit ``device`` one block at a time (``training.offload``)."""
+    weights stay in CPU RAM and visit ``device`` one block at a time (``training.offload``). Frozen
+    bf16/fp16 layers compute in float32 while on a CPU (``training.cpu_linear``)."""
     blocks_device = "cpu" if cfg.block_offload else None
     transformer = load_base(base_model, cfg.base_dtype, cfg.quantization, device, blocks_device=blocks_device)
     if start is None:
@@ -83,6 +85,7 @@ def prepare_model(
         start.check_fits(transformer)
         spec = add_lora(transformer, start.rank, cfg.alpha, list(start.targets), cfg.lora_dropout, seed=cfg.seed)
         load_adapter_state(transformer, start.adapter_tensors(cfg.alpha), start.name)
+    float32_products_on_cpu(transformer)
     if cfg.block_offload:
         from .offload import offload_blocks
 
