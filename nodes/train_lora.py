@@ -293,9 +293,9 @@ class SD35TunerTrainLora(io.ComfyNode):
             report.stopped(err)
             raise
         finally:
-            from diffusers.training_utils import free_memory
+            from ..training.heap import release_freed
 
-            free_memory()  # the trainer's model (peft hooks hold reference cycles)
+            release_freed()  # the trainer's model (peft hooks hold reference cycles), its heap back to the OS
             comfy.model_management.soft_empty_cache()
         name = output.lora_path.relative_to(loras.resolve()).as_posix()
         patched = apply_lora(model, output.lora_path) if model is not None else None

@@ -26,6 +26,7 @@ from .data import TrainingSource
 from .export import PACK_VERSION, export_lora
 from .folder_lock import folder_lock
 from .fs import resolve_inside
+from .heap import release_freed, training_heap
 from .loading import InMemoryBase, base_name, load_base
 from .loop import OnStep, Trainer, TrainResult, grad_enabled
 from .metadata import base_model_hashes, dataset_facts, sd3_variant
@@ -189,9 +190,11 @@ def run_training(
     validation = Validation(
         transformer, source, sample_settings(cfg), samples, decode, on_validation, prompts, on_images
     )
-    result = trainer.fit(transformer, work_dir, on_step, resume, validation if cfg.validation_every else None)
-    if trainer.main and validation.step != cfg.steps:  # the final samples, unless the loop just made them
-        validation(cfg.steps)
+    with training_heap():
+        result = trainer.fit(transformer, work_dir, on_step, resume, validation if cfg.validation_every else None)
+        release_freed()  # the optimizer's state and gradients, before the final samples are made
+        if trainer.main and validation.step != cfg.steps:  # the final samples, unless the loop just made them
+            validation(cfg.steps)
     path = Path(lora_path)
     if trainer.main:
         facts = {"title": path.stem, "model_type": sd3_variant(transformer.config), **dataset_facts(source)}

@@ -10,7 +10,6 @@ the memory-mapped file, or of a ComfyUI MODEL's weights.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import logging
 import re
@@ -18,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from ..heap import LOADING, map_allocations_above, trim_heap
 from . import mmdit
 from .formats import FP8, Plan, dequantize
 from .quantize import quantize_linear, workspace
@@ -88,7 +88,7 @@ def build(
     from diffusers import SD3Transformer2DModel
 
     device = torch.device(device)
-    map_large_allocations()
+    map_allocations_above(LOADING)
     with torch.device("meta"):
         model = SD3Transformer2DModel(**plan.config)
     groups = _groups(src, plan)
@@ -166,21 +166,3 @@ def _release(src: TensorSource, keys: list[str]) -> None:
     release = getattr(src, "release", None)
     if release is not None:
         release(keys)
-
-
-def trim_heap() -> None:
-    """Give freed heap memory back to the OS (glibc keeps it otherwise, and RSS stays at the peak)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-def map_large_allocations() -> None:
-    """Let glibc serve every allocation above 1 MiB from its own mapping, returned to the OS when freed.
-    Its default raises that threshold as large blocks are freed, so the per-layer temporaries of a
-    block-by-block load pile up in the heap and the peak grows with the model instead of one layer."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass

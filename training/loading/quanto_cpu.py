@@ -5,7 +5,7 @@ fresh layer-sized result: int8 as ``scale = max|w| / 127`` per row (AbsmaxOptimi
 ``clamp(round(w / scale), -128, 127)``; int4 per group of 128 inputs as ``scale = (max - min) / 15``,
 ``shift = -min`` (MaxOptimizer) and codes ``clamp(round((w + shift) / scale), 0, 15)``, which then go to
 int32 and through torch's CPU int4 packer (``TinyGemmWeightQBitsTensor``). With large allocations
-served from fresh mappings (``build.map_large_allocations``, which keeps the load's peak at one layer)
+served from fresh mappings (``training.heap.LOADING``, which keeps the load's peak at one layer)
 every one of those temporaries page-faults, and that is most of quanto's time. Here the same bf16
 operations run in place, a chunk of rows at a time in small buffers reused across layers, and int4
 codes are packed in torch's CPU layout directly: bit-identical to quanto's result, 2-4x faster. The
