@@ -198,7 +198,12 @@ class SD35TunerTrainLora(io.ComfyNode):
             outputs=[
                 io.String.Output(display_name="lora_name", tooltip="The LoRA file's name in models/loras."),
                 io.Model.Output(
-                    display_name="model", tooltip="The input MODEL with the LoRA applied (None if absent)."
+                    display_name="model",
+                    tooltip=(
+                        "The input MODEL with the LoRA applied as it computes, without a second copy of the "
+                        "weights (None if no MODEL is connected). To save a merged checkpoint, apply the LoRA "
+                        "file with LoraLoader instead."
+                    ),
                 ),
                 io.Image.Output(display_name="loss_chart", tooltip="Loss per step (faint) and its moving average."),
                 io.String.Output(display_name="losses", tooltip="Loss per step as a JSON list."),

@@ -11,17 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tools import paths
+from tests.unit.test_train_offload import _source, base  # noqa: F401  (base is a fixture: the tiny SD3.5 in memory)
 from training.config import TrainConfig
 from training.cpu_linear import Float32OnCpuLinear, float32_products_on_cpu
-from training.data import TensorSource
 from training.loading import InMemoryBase
 from training.loop import train
 from training.model import lora_parameters
 from training.run import prepare_model
-
-SD35 = paths.MODELS / "checkpoints" / paths.SD35_CHECKPOINT
-PREFIX = "model.diffusion_model."
 
 
 def _pair(dtype: torch.dtype, bias: bool = True) -> tuple[torch.nn.Linear, torch.nn.Linear]:
@@ -93,26 +89,10 @@ def test_full_precision_and_trainable_layers_are_left_alone() -> None:
     assert layer.weight.grad is not None and layer.bias.grad is not None
 
 
-def _source() -> TensorSource:
-    g = torch.Generator().manual_seed(0)
-    return TensorSource(
-        [torch.randn(16, 8, 8, generator=g) for _ in range(2)],
-        [torch.randn(8, 4096, generator=g) for _ in range(2)],
-        [torch.randn(2048, generator=g) for _ in range(2)],
-        meta={"latent_channels": 16, "text_dim": 4096, "pooled_dim": 2048},
-    )
-
-
-def test_a_bf16_transformer_trains_as_with_the_plain_layers() -> None:
+def test_a_bf16_transformer_trains_as_with_the_plain_layers(base: InMemoryBase) -> None:  # noqa: F811
     """prepare_model swaps every frozen Linear of the base (peft's base layers included, the LoRA's own
     layers not); three steps give the losses and the LoRA that the same model with plain layers gives,
     to bf16 rounding."""
-    from safetensors.torch import load_file
-
-    tensors = load_file(str(SD35))
-    base = InMemoryBase(
-        {k.removeprefix(PREFIX): v.clone() for k, v in tensors.items() if k.startswith(PREFIX)}, "SD35"
-    )
     cfg = TrainConfig(steps=3, rank=4, alpha=4, base_dtype="bf16", preset="all_linear", learning_rate=1e-3)
     model, _ = prepare_model(base, cfg, "cpu")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
