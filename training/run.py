@@ -190,7 +190,7 @@ def run_training(
     validation = Validation(
         transformer, source, sample_settings(cfg), samples, decode, on_validation, prompts, on_images
     )
-    with training_heap():
+    with training_heap(device, trainable):
         result = trainer.fit(transformer, work_dir, on_step, resume, validation if cfg.validation_every else None)
         release_freed()  # the optimizer's state and gradients, before the final samples are made
         if trainer.main and validation.step != cfg.steps:  # the final samples, unless the loop just made them
