@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import gc
 from collections.abc import Iterator
 
@@ -21,25 +22,26 @@ TRAINING = 64 << 10  # a rank-32 LoRA factor of a 1536-wide layer is 192 KiB in 
 # its gradient and AdamW's two states: thousands of blocks of that size per step
 
 
-def _mallopt(option: int, value: int) -> None:
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
     try:
-        ctypes.CDLL("libc.so.6").mallopt(option, value)
-    except (OSError, AttributeError):  # not glibc
-        pass
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
 
 
 def map_allocations_above(size: int) -> None:
     """Serve every allocation above ``size`` bytes from its own mapping, returned to the OS when freed
     (glibc's M_MMAP_THRESHOLD, fixed: no longer raised as blocks are freed)."""
-    _mallopt(-3, size)
+    if (libc := _glibc()) is not None:
+        libc.mallopt(-3, size)
 
 
 def trim_heap() -> None:
     """Give freed heap memory back to the OS (glibc keeps it otherwise, and RSS stays at the peak)."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    if (libc := _glibc()) is not None:
+        libc.malloc_trim(0)
 
 
 def release_freed() -> None:
@@ -56,7 +58,8 @@ def training_heap(device, trainable: int) -> Iterator[None]:
     activations) get mappings of their own, so what a step frees goes back to the OS instead of
     fragmenting the heap (a real-size SD3.5 Medium step: 0.2 GiB lower peak RSS at the same speed). A
     small LoRA keeps the heap: there the mappings' system calls cost ~20% of a step and save nothing
-    worth it; on a GPU those blocks are device memory. Afterwards the freed memory is handed back."""
+    worth it; on a GPU those blocks are device memory. Afterwards the loader's threshold again (the
+    memory is handed back by ``release_freed`` once the run's model is gone)."""
     import torch
 
     mapped = torch.device(device).type == "cpu" and trainable >= 1_000_000
@@ -67,4 +70,3 @@ def training_heap(device, trainable: int) -> Iterator[None]:
     finally:
         if mapped:
             map_allocations_above(LOADING)
-        release_freed()
