@@ -83,12 +83,15 @@ def estimate(
     block_offload: bool = False,
     device: str = "cuda",
     validation: bool = False,
+    shared_base: bool = False,
 ) -> Estimate:
     """Peak memory of one training step on ``device`` ("cuda" or "cpu": the runtime's share differs; the
     attention is fused on both, torch's CPU attention is flash-style too, so no heads x tokens^2 matrix is
     kept). With ``validation`` (a VAE and prompts connected), the decode of a validation image is the
     peak when it needs more than the step's activations (the base, the LoRA and its optimizer stay
-    resident meanwhile). bench/bench_estimate.py measures a CPU step against it."""
+    resident meanwhile). With ``shared_base`` the base is not counted: it is a MODEL the graph already
+    holds on this device, and the trainer shares its weights. bench/bench_estimate.py measures a CPU step
+    against it."""
     from .model import PRESETS
 
     block_linear, other, lora_per_rank, blocks = _param_counts(config, PRESETS[preset])
@@ -105,9 +108,11 @@ def estimate(
         activations = 2 * hidden * tokens * act_bytes * batch * blocks + per_block
     else:
         activations = per_block * blocks
-    parts = {
-        "base blocks": blocks_weights,
-        "base other": other * WEIGHT_BYTES[base_dtype],
+    if shared_base:
+        parts = {"base (the MODEL's, already here)": 0.0}
+    else:
+        parts = {"base blocks": blocks_weights, "base other": other * WEIGHT_BYTES[base_dtype]}
+    parts |= {
         "LoRA+optimizer": lora_per_rank * rank * LORA_BYTES,
         "activations": activations,
         "runtime": RUNTIME_BYTES[device],
@@ -223,9 +228,44 @@ def device_memory(device) -> tuple[float, str]:
         return float("inf"), "RAM"
 
 
-def check_run(config: dict[str, Any], cfg, resolution: int, device, validation: bool) -> tuple[str, str]:
+def shares_graph_weights(base, cfg, device) -> bool:
+    """Whether the run trains over a ComfyUI MODEL's own weights where they already are: a MODEL input
+    (``InMemoryBase``), a CPU run, and every joint-block weight already in the run's base dtype with no
+    quantisation of its own. The trainer then shares those tensors (no copy), and the graph's RAM is the
+    training device's memory."""
+    import torch
+
+    from .loading import DTYPES, InMemoryBase
+
+    if not isinstance(base, InMemoryBase) or torch.device(device).type != "cpu":
+        return False
+    if base.metadata.get("_quantization_metadata"):
+        return False
+    weights = [t for k, t in base.state.items() if k.startswith("joint_blocks.") and t.ndim == 2]
+    return bool(weights) and all(t.dtype == DTYPES[cfg.base_dtype] for t in weights)
+
+
+def keep_graph_weights(base, cfg, device) -> tuple[Any, str | None]:
+    """``cfg`` without quantisation when the run shares the graph's MODEL weights on the CPU (and a line
+    saying so): a quantised copy would sit in RAM next to the weights it copies, about half the model
+    more for int8, and quantised CPU steps are slower. Quantisation saves a GPU's memory."""
+    if cfg.quantization == "none" or not shares_graph_weights(base, cfg, device):
+        return cfg, None
+    weights = sum(t.numel() for k, t in base.state.items() if k.startswith("joint_blocks.") and t.ndim == 2)
+    return cfg.replace(quantization="none"), (
+        f"quantization {cfg.quantization} not applied: this run trains on the CPU over the MODEL input's own "
+        f"{cfg.base_dtype} weights, already in RAM and shared, not copied; a quantised copy would add "
+        f"~{weights * QUANT_BYTES[cfg.quantization] / GiB:.1f} GB next to them and train slower (quantisation "
+        "saves a GPU's memory)"
+    )
+
+
+def check_run(
+    config: dict[str, Any], cfg, resolution: int, device, validation: bool, shared_base: bool = False
+) -> tuple[str, str]:
     """Before loading: estimate the run on ``device`` and raise MemoryError (saying what to change) when
-    it cannot fit; returns ("ok" | "warn", the one-line verdict)."""
+    it cannot fit; returns ("ok" | "warn", the one-line verdict). ``shared_base``: the base is a MODEL the
+    graph already holds there (``shares_graph_weights``), not counted against the memory still free."""
     import torch
 
     kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
@@ -241,6 +281,7 @@ def check_run(config: dict[str, Any], cfg, resolution: int, device, validation: 
         block_offload=cfg.block_offload,
         device=kind,
         validation=validation,
+        shared_base=shared_base,
     )
     available, where = device_memory(device)
     level, message = preflight(est, available, where)

@@ -99,10 +99,11 @@ def plan_memory(
     base_model, source: TrainingSource, cfg: TrainConfig, device, validation: bool, start: StartLora | None = None
 ) -> tuple[TrainConfig, list[str]]:
     """Before the base is loaded: with ``memory_preset`` "auto" the settings the GPU fits (logged with
-    the reason), then the pre-flight that stops a run that cannot fit and warns when tight. Returns the
-    run's settings and the lines said."""
+    the reason); on the CPU over the graph's MODEL weights no quantised copy (``keep_graph_weights``);
+    then the pre-flight that stops a run that cannot fit and warns when tight. Returns the run's settings
+    and the lines said."""
     from .loading import read_config
-    from .memory import auto_settings, check_run
+    from .memory import auto_settings, check_run, keep_graph_weights, shares_graph_weights
 
     first = next(source.batches(1, cfg.seed, 0, drop_last=False))
     resolution = 8 * max(first.latents.shape[-2:])
@@ -112,7 +113,12 @@ def plan_memory(
         cfg, why = auto_settings(config, cfg, resolution, device, validation, len(source), start and start.rank)
         logger.info(why)
         said.append(why)
-    level, message = check_run(config, cfg, resolution, device, validation)
+    cfg, kept = keep_graph_weights(base_model, cfg, device)
+    if kept:
+        logger.info(kept)
+        said.append(kept)
+    shared = shares_graph_weights(base_model, cfg, device)
+    level, message = check_run(config, cfg, resolution, device, validation, shared)
     (logger.warning if level == "warn" else logger.info)(message)
     return cfg, [*said, message]
 
