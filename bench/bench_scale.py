@@ -12,8 +12,8 @@ older checkout's rows beside), and ``--from-model`` from a MODEL that ComfyUI lo
 input). ComfyUI reads only full-depth files, so the MODEL, ``--vs-core`` and ``--pipeline`` parts use the
 full 24-block Medium shape (with a VAE, as Stability ships it): ``--vs-core`` one 256 px rank-16 training
 step by ComfyUI core's TrainLoraNode and by our trainer on the same MODEL in real servers (s/step and
-peak RSS ratios), ``--pipeline`` the bundled pipeline workflow's peak RSS before (trainer re-reading the
-file) and after (training on the MODEL) — see ``scale_server``. Last line: the int8 ratio from the file.
+peak RSS ratios), ``--pipeline`` the bundled pipeline workflow's peak RSS, phase by phase, before (trainer
+re-reading the file) and after (training on the MODEL) — see ``scale_server``. Last line: the int8 ratio from the file.
 """
 
 from __future__ import annotations
@@ -184,15 +184,15 @@ def child_model(path: str, mode: str) -> dict:
     import_comfy("--bf16-unet")
     import comfy.sd
 
-    from training.loading import InMemoryBase, load_base
+    from training.loading import DTYPES, InMemoryBase, load_base
 
     start = time.perf_counter()
     with torch.inference_mode():
         model = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
     comfy_s, dtype = time.perf_counter() - start, model.model.get_dtype()
     state = dict(model.model.diffusion_model.state_dict())  # (a bf16 file: no fp8 marker to hand over)
-    names = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-    ours = load_base(InMemoryBase(state, "MODEL"), names.get(dtype, "bf16"), mode)
+    name = next((n for n, d in DTYPES.items() if d == dtype), "bf16")
+    ours = load_base(InMemoryBase(state, "MODEL"), name, mode)
     assert ours is not None
     return {"total_s": time.perf_counter() - start, "comfy_s": comfy_s, "rss": peak_rss(), "dtype": str(dtype)}
 
@@ -332,7 +332,10 @@ def pipeline_rows(path: Path, modes: list[str]) -> None:
     size = transformer_bytes(path)
     for mode in modes:
         for label, before in (("before: trainer re-reads the file", True), ("after: trains on the MODEL", False)):
-            load, rss = pipeline(path, before, mode)
+            load, phases = pipeline(path, before, mode)
+            for phase, peak in phases:
+                print(f"pipeline {mode:5s}   {phase:32s} peak RSS {peak / 2**30:5.2f} GiB = {peak / size:.2f} x bf16")
+            rss = max(peak for _, peak in phases)
             print(
                 f"pipeline {mode:5s} {label:34s} peak RSS after loading {rss / 2**30:5.2f} GiB = "
                 f"{rss / size:.2f} x bf16 (target <= 1.3; ComfyUI loading the checkpoint: {load / size:.2f} x)",

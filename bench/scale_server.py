@@ -11,7 +11,8 @@
   1 training step, its final validation samples in 1 sampler step, and a 1-step 64 px comparison: "before",
   the trainer re-reads the file while the graph holds the checkpoint loader's MODEL (how the workflow was
   before the MODEL input; the comparison samples the loader's MODEL), against "after", the bundled graph
-  training on the loader's MODEL.
+  training on the loader's MODEL. The graph runs in phases (``PHASES``: each prompt the previous one plus
+  the next part; ComfyUI reuses what already ran), so each phase's peak RSS is its own.
 
 ComfyUI runs with ``--bf16-unet`` (on a CPU it would otherwise hold the model in fp32, which no GPU user has).
 """
@@ -28,7 +29,7 @@ from tests.integration.test_train_node import _node
 from tools import paths
 from tools.builtin import point_at_builtin_models
 from tools.comfy_server import ComfyServer
-from tools.workflow_api import set_inputs, ui_to_api
+from tools.workflow_api import set_inputs, ui_to_api, upstream
 from tools.workflow_specs import PIPELINE, bundled
 
 FROM_MODEL = "(use the MODEL input)"
@@ -91,6 +92,21 @@ def core(info: dict, ckpt: str, steps: int, seed: int, dtype: str) -> dict:
     return bench_train.core(info, steps, ckpt, rank=16, dtype=dtype, seed=seed, latents=2, learning_rate=1e-4)
 
 
+# The bundled pipeline's parts, in the order it runs them: each phase ends with a node of this type.
+PHASES = (
+    ("dataset (load, crop, preview)", "SD35TunerPreviewDataset"),
+    ("text encoders (CLIP-L) loaded", "CLIPLoader"),
+    ("cache (VAE + CLIP encode)", "SD35TunerCacheLatents"),
+    ("training + its final samples", "SD35TunerTrainLora"),
+    ("CFG vs APG on the LoRA'd MODEL", "SD35TunerCompareCFGAPG"),
+)
+
+
+def reset_peak(s: ComfyServer) -> None:
+    """Start the server's peak RSS (VmHWM) afresh from its current RSS (Linux ``clear_refs`` 5)."""
+    Path(f"/proc/{s.proc.pid}/clear_refs").write_text("5")
+
+
 def warm_up(s: ComfyServer, graph: dict) -> float:
     """Run the graph's checkpoint loader alone (ComfyUI caches its MODEL for the next prompts), then start
     the server's peak RSS afresh (Linux ``clear_refs`` 5): ComfyUI's own loading peaks at about twice the
@@ -98,7 +114,7 @@ def warm_up(s: ComfyServer, graph: dict) -> float:
     loader = next(k for k, v in graph.items() if v["class_type"] == "CheckpointLoaderSimple")
     s.run({loader: graph[loader], "98": {"class_type": "PreviewAny", "inputs": {"source": [loader, 0]}}}, 3600)
     peak = peak_rss_mib(s) * 2**20
-    Path(f"/proc/{s.proc.pid}/clear_refs").write_text("5")
+    reset_peak(s)
     return peak
 
 
@@ -118,9 +134,27 @@ def step(build, ckpt: Path, dtype: str) -> tuple[float, float, float]:
             return elapsed(s.run(graph, timeout=3600)), loading, peak_rss_mib(s) * 2**20
 
 
-def pipeline(ckpt: Path, before: bool, quantization: str) -> tuple[float, float]:
+def in_phases(s: ComfyServer, prompt: dict) -> list[tuple[str, float]]:
+    """Run ``prompt`` phase by phase (``PHASES``); each phase's peak RSS in bytes. Every phase's prompt
+    holds the nodes that ran before it (ComfyUI drops the cached outputs of nodes missing from a prompt),
+    each ending node with a preview so that it runs."""
+    kinds = {node["class_type"]: node_id for node_id, node in prompt.items()}
+    ends = [kinds["CheckpointLoaderSimple"]]
+    peaks = []
+    for name, kind in PHASES:
+        ends.append(kinds[kind])
+        part = upstream(prompt, ends)
+        for i, end in enumerate(ends):
+            part[f"preview{i}"] = {"class_type": "PreviewAny", "inputs": {"source": [end, 0]}}
+        reset_peak(s)
+        s.run(part, timeout=3600)
+        peaks.append((name, peak_rss_mib(s) * 2**20))
+    return peaks
+
+
+def pipeline(ckpt: Path, before: bool, quantization: str) -> tuple[float, list[tuple[str, float]]]:
     """Peak RSS (bytes) of the server running the bundled pipeline workflow on ``ckpt``: while ComfyUI
-    loads the checkpoint, and in the rest of the run (the loaded MODEL included)."""
+    loads the checkpoint, and in each phase of the rest of the run (the loaded MODEL included)."""
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp, server(Path(tmp), ckpt, "bf16") as s:
         photos(s)
         prompt = point_at_builtin_models(ui_to_api(json.loads(bundled(PIPELINE).read_text()), s.object_info()), 64)
@@ -139,5 +173,4 @@ def pipeline(ckpt: Path, before: bool, quantization: str) -> tuple[float, float]
             prompt[train]["inputs"]["base_model"] = ckpt.name
             set_inputs(prompt, "SD35TunerCompareCFGAPG", model=[loader, 0])
         loading = warm_up(s, prompt)
-        s.run(prompt, timeout=3600)
-        return loading, peak_rss_mib(s) * 2**20
+        return loading, in_phases(s, prompt)

@@ -109,3 +109,16 @@ def set_inputs(prompt: dict[str, Any], class_type: str, **values: Any) -> int:
             node["inputs"].update(values)
             count += 1
     return count
+
+
+def upstream(prompt: dict[str, Any], node_ids: list[str]) -> dict[str, Any]:
+    """The part of an API prompt that ``node_ids`` need: those nodes and every node feeding them."""
+    out: dict[str, Any] = {}
+    todo = list(node_ids)
+    while todo:
+        node_id = todo.pop()
+        if node_id in out:
+            continue
+        out[node_id] = prompt[node_id]
+        todo += [v[0] for v in prompt[node_id]["inputs"].values() if isinstance(v, list) and len(v) == 2]
+    return out

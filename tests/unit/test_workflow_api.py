@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from tools.workflow_api import WorkflowError, set_inputs, ui_to_api
+from tools.workflow_api import WorkflowError, set_inputs, ui_to_api, upstream
 
 OBJECT_INFO = {
     "Loader": {"input": {"required": {"name": [["a.safetensors", "b.safetensors"], {}]}}},
@@ -103,3 +103,15 @@ def test_set_inputs_overrides_every_node_of_a_type():
     prompt = {"1": {"class_type": "Loader", "inputs": {"name": "a"}}, "2": {"class_type": "X", "inputs": {}}}
     assert set_inputs(prompt, "Loader", name="b") == 1
     assert prompt["1"]["inputs"]["name"] == "b"
+
+
+def test_upstream_keeps_the_named_nodes_and_all_that_feed_them():
+    prompt = {
+        "1": {"class_type": "Loader", "inputs": {"name": "a.safetensors"}},
+        "2": {"class_type": "Sampler", "inputs": {"model": ["1", 0], "seed": 0, "steps": 20, "cfg": 7.0}},
+        "3": {"class_type": "Sampler", "inputs": {"model": ["2", 0], "seed": 1, "steps": 20, "cfg": 7.0}},
+        "4": {"class_type": "Loader", "inputs": {"name": "b.safetensors"}},
+    }
+    assert upstream(prompt, ["2"]) == {k: prompt[k] for k in ("1", "2")}
+    assert set(upstream(prompt, ["3", "4"])) == {"1", "2", "3", "4"}
+    assert upstream(prompt, ["1"]) == {"1": prompt["1"]}
