@@ -98,7 +98,7 @@ PHASES = (
     ("text encoders (CLIP-L) loaded", "CLIPLoader"),
     ("cache (VAE + CLIP encode)", "SD35TunerCacheLatents"),
     ("training + its final samples", "SD35TunerTrainLora"),
-    ("CFG vs APG on the LoRA'd MODEL", "SD35TunerCompareCFGAPG"),
+    ("CFG vs APG sampling", "SD35TunerCompareCFGAPG"),
 )
 
 
