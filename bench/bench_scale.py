@@ -13,7 +13,8 @@ input). ComfyUI reads only full-depth files, so the MODEL, ``--vs-core`` and ``-
 full 24-block Medium shape (with a VAE, as Stability ships it): ``--vs-core`` one 256 px rank-16 training
 step by ComfyUI core's TrainLoraNode and by our trainer on the same MODEL in real servers (s/step and
 peak RSS ratios), ``--pipeline`` the bundled pipeline workflow's peak RSS, phase by phase, before (trainer
-re-reading the file) and after (training on the MODEL) — see ``scale_server``. Last line: the int8 ratio from the file.
+re-reading the file) and after (training on the MODEL) — see ``scale_server``. Last line: the int8 ratio
+from the file.
 """
 
 from __future__ import annotations

@@ -129,8 +129,9 @@ class SD35TunerTrainLora(io.ComfyNode):
                     tooltip="Quantise the frozen base with optimum-quanto to save memory. Default int8: SD3.5 "
                     "Large's 8 billion weights take about 8 GB instead of 16 GB in bf16, what fits a 24 GB card at "
                     "1024 px. int4: about 4 GB, some quality loss. none: the base in base_dtype (Large needs a "
-                    "32 GB card). On CPU quantised steps are slower, not faster; training on the CPU over the MODEL input's "
-                    "bf16/fp16 weights, none is used (a quantised copy would only add RAM next to them).",
+                    "32 GB card). On CPU quantised steps are slower, not faster; training on the CPU over the "
+                    "MODEL input's bf16/fp16 weights, none is used (a quantised copy would only add RAM next to "
+                    "them).",
                 ),
                 io.Int.Input(
                     "seed",

@@ -241,8 +241,13 @@ def shares_graph_weights(base, cfg, device) -> bool:
         return False
     if base.metadata.get("_quantization_metadata"):
         return False
-    weights = [t for k, t in base.state.items() if k.startswith("joint_blocks.") and t.ndim == 2]
+    weights = _block_weights(base)
     return bool(weights) and all(t.dtype == DTYPES[cfg.base_dtype] for t in weights)
+
+
+def _block_weights(base) -> list:
+    """The joint blocks' Linear weights of an in-memory base: what quantisation would copy."""
+    return [t for k, t in base.state.items() if k.startswith("joint_blocks.") and t.ndim == 2]
 
 
 def keep_graph_weights(base, cfg, device) -> tuple[Any, str | None]:
@@ -251,7 +256,7 @@ def keep_graph_weights(base, cfg, device) -> tuple[Any, str | None]:
     more for int8, and quantised CPU steps are slower. Quantisation saves a GPU's memory."""
     if cfg.quantization == "none" or not shares_graph_weights(base, cfg, device):
         return cfg, None
-    weights = sum(t.numel() for k, t in base.state.items() if k.startswith("joint_blocks.") and t.ndim == 2)
+    weights = sum(t.numel() for t in _block_weights(base))
     return cfg.replace(quantization="none"), (
         f"quantization {cfg.quantization} not applied: this run trains on the CPU over the MODEL input's own "
         f"{cfg.base_dtype} weights, already in RAM and shared, not copied; a quantised copy would add "
